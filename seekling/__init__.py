@@ -1,0 +1,7 @@
+"""seekling: a compact PyTorch stack for DeepSeek-style sparse language models."""
+
+from seekling.checkpoint import load
+from seekling.config import ModelConfig
+
+__all__ = ["ModelConfig", "load"]
+__version__ = "0.1.0"

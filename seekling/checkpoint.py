@@ -1,0 +1,399 @@
+"""Checkpoints in the Hugging Face DeepSeek-V3 layout, natively: no conversion step.
+
+A checkpoint directory holds `config.json` (model_type "deepseek_v3", the fields transformers
+writes) and `model.safetensors`, or numbered shards plus `model.safetensors.index.json` above a
+size threshold. Tensor names are transformers' (and DeepSeek's), one set of keys per routed expert.
+MTP depth k is stored as `model.layers.{num_hidden_layers + k - 1}.*`, as DeepSeek-V3 releases do.
+
+All renaming between our module names (DeepSeek's reference vocabulary) and the Hugging Face names
+lives in the two tables below. Only safetensors are read: nothing is ever unpickled.
+Left out: FP8 block-quantized checkpoints (DeepSeek's own release) - dequantize them first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from seekling.config import ModelConfig
+
+# ModelConfig field -> DeepseekV3Config field (rope fields are handled by _rope_to_hf / _rope_from_hf).
+CONFIG_MAP = {
+    "vocab_size": "vocab_size",
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_dense_layers": "first_k_dense_replace",
+    "inter_dim": "intermediate_size",
+    "norm_eps": "rms_norm_eps",
+    "n_heads": "num_attention_heads",
+    "q_lora_rank": "q_lora_rank",
+    "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim",
+    "qk_rope_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim",
+    "max_seq_len": "max_position_embeddings",
+    "rope_interleave": "rope_interleave",
+    "moe_inter_dim": "moe_intermediate_size",
+    "n_routed_experts": "n_routed_experts",
+    "n_shared_experts": "n_shared_experts",
+    "n_activated_experts": "num_experts_per_tok",
+    "n_expert_groups": "n_group",
+    "n_limited_groups": "topk_group",
+    "route_scale": "routed_scaling_factor",
+    "norm_topk_prob": "norm_topk_prob",
+    "n_mtp_layers": "num_nextn_predict_layers",
+    "initializer_range": "initializer_range",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+}
+
+# Our parameter name inside a block -> the Hugging Face name inside `model.layers.{i}.`
+BLOCK_KEY_MAP = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wq_a.weight": "self_attn.q_a_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_a_layernorm.weight",
+    "attn.wq_b.weight": "self_attn.q_b_proj.weight",
+    "attn.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn.kv_norm.weight": "self_attn.kv_a_layernorm.weight",
+    "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "ffn.w1.weight": "mlp.gate_proj.weight",
+    "ffn.w3.weight": "mlp.up_proj.weight",
+    "ffn.w2.weight": "mlp.down_proj.weight",
+    "ffn.gate.weight": "mlp.gate.weight",
+    "ffn.gate.e_score_correction_bias": "mlp.gate.e_score_correction_bias",
+    "ffn.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
+    "ffn.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
+    # stacked experts: split into mlp.experts.{e}.{gate,up,down}_proj.weight by _expert_keys
+    "ffn.experts.w13": None,
+    "ffn.experts.w2": None,
+}
+MTP_KEY_MAP = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
+               "eh_proj.weight": "eh_proj.weight", "norm.weight": "shared_head.norm.weight"}
+TOP_KEY_MAP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+               "head.weight": "lm_head.weight"}
+# DeepSeek's MTP layers also carry copies of the shared embedding and head; written for vLLM/SGLang.
+MTP_SHARED_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+# ---------------------------------------------------------------- config.json
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    d = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+    for ours, theirs in CONFIG_MAP.items():
+        d[theirs] = getattr(cfg, ours)
+    d.update(
+        num_key_value_heads=cfg.n_heads, hidden_act="silu", attention_bias=False, attention_dropout=0.0,
+        tie_word_embeddings=False, use_cache=True, scoring_func="sigmoid", topk_method="noaux_tc",
+        moe_layer_freq=1, pad_token_id=None, dtype=str(dtype).removeprefix("torch."),
+        rope_parameters=_rope_to_hf(cfg),
+    )
+    return d
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+    if cfg.rope_type == "default":
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
+            "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
+            "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale_all_dim}
+
+
+def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
+    """Build a ModelConfig from a DeepseekV3Config dict, refusing what we cannot run faithfully."""
+    def bad(field, msg):
+        raise ValueError(f"{source}: {field} {msg}")
+
+    if d.get("model_type") != "deepseek_v3":
+        bad("model_type", f"is {d.get('model_type')!r}; seekling loads DeepSeek-V3-layout checkpoints (model_type 'deepseek_v3')")
+    if d.get("quantization_config"):
+        bad("quantization_config", "is set: quantized (e.g. FP8) checkpoints are not supported; dequantize to bf16 first")
+    checks = {"hidden_act": ("silu",), "scoring_func": (None, "sigmoid"), "topk_method": (None, "noaux_tc"),
+              "tie_word_embeddings": (None, False), "attention_bias": (None, False), "moe_layer_freq": (None, 1)}
+    for key, allowed in checks.items():
+        if d.get(key) not in allowed:
+            bad(key, f"is {d.get(key)!r}; only {[a for a in allowed if a is not None]} is supported")
+    kwargs = {}
+    for ours, theirs in CONFIG_MAP.items():
+        if theirs in d and d[theirs] is not None:
+            kwargs[ours] = d[theirs]
+    if isinstance(kwargs.get("eos_token_id"), list):
+        kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+    for key in ("n_expert_groups", "n_limited_groups"):
+        kwargs.setdefault(key, 1)
+    kwargs.update(_rope_from_hf(d, source))
+    try:
+        return ModelConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _rope_from_hf(d: dict, source: str) -> dict:
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    out = {"rope_theta": float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))}
+    rtype = rope.get("rope_type", rope.get("type", "default"))
+    if rtype == "default":
+        return out | {"rope_type": "default"}
+    if rtype != "yarn":
+        raise ValueError(f"{source}: rope type {rtype!r} is not supported (use 'default' or 'yarn')")
+    orig = rope.get("original_max_position_embeddings", d.get("max_position_embeddings"))
+    factor = rope.get("factor") or d["max_position_embeddings"] / orig
+    return out | {"rope_type": "yarn", "rope_factor": float(factor), "original_seq_len": int(orig),
+                  "beta_fast": float(rope.get("beta_fast") or 32), "beta_slow": float(rope.get("beta_slow") or 1),
+                  "mscale": float(rope.get("mscale") or 0.0), "mscale_all_dim": float(rope.get("mscale_all_dim") or 0.0)}
+
+
+# ---------------------------------------------------------------- tensor names
+
+def _block_to_hf(prefix: str, key: str, t: torch.Tensor, out: dict):
+    if key == "ffn.experts.w13":
+        inter = t.shape[1] // 2
+        for e in range(t.shape[0]):
+            out[f"{prefix}mlp.experts.{e}.gate_proj.weight"] = t[e, :inter]
+            out[f"{prefix}mlp.experts.{e}.up_proj.weight"] = t[e, inter:]
+    elif key == "ffn.experts.w2":
+        for e in range(t.shape[0]):
+            out[f"{prefix}mlp.experts.{e}.down_proj.weight"] = t[e]
+    else:
+        out[prefix + BLOCK_KEY_MAP[key]] = t
+
+
+def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our state dict renamed (and experts unstacked) to the Hugging Face DeepSeek-V3 names."""
+    L = model.cfg.n_layers
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if name in TOP_KEY_MAP:
+            out[TOP_KEY_MAP[name]] = t
+        elif m := re.fullmatch(r"layers\.(\d+)\.(.+)", name):
+            _block_to_hf(f"model.layers.{m[1]}.", m[2], t, out)
+        elif m := re.fullmatch(r"mtp\.(\d+)\.block\.(.+)", name):
+            _block_to_hf(f"model.layers.{L + int(m[1])}.", m[2], t, out)
+        elif m := re.fullmatch(r"mtp\.(\d+)\.(.+)", name):
+            out[f"model.layers.{L + int(m[1])}.{MTP_KEY_MAP[m[2]]}"] = t
+        else:
+            raise AssertionError(f"no Hugging Face name for parameter {name}")
+    sd = model.state_dict()
+    for k in range(model.cfg.n_mtp_layers):
+        for theirs, ours in MTP_SHARED_COPIES.items():
+            out[f"model.layers.{L + k}.{theirs}"] = sd[ours].detach()
+    return out
+
+
+def hf_key_map(cfg: ModelConfig, model_keys) -> dict[str, str]:
+    """Hugging Face name -> our name, for every non-expert tensor of a model with these keys."""
+    L, out = cfg.n_layers, {}
+    inv_block = {v: k for k, v in BLOCK_KEY_MAP.items() if v}
+    for name in model_keys:
+        if name in TOP_KEY_MAP:
+            out[TOP_KEY_MAP[name]] = name
+        elif (m := re.fullmatch(r"layers\.(\d+)\.(.+)", name)) and BLOCK_KEY_MAP.get(m[2]):
+            out[f"model.layers.{m[1]}.{BLOCK_KEY_MAP[m[2]]}"] = name
+        elif (m := re.fullmatch(r"mtp\.(\d+)\.block\.(.+)", name)) and BLOCK_KEY_MAP.get(m[2]):
+            out[f"model.layers.{L + int(m[1])}.{BLOCK_KEY_MAP[m[2]]}"] = name
+        elif m := re.fullmatch(r"mtp\.(\d+)\.(enorm|hnorm|eh_proj|norm)\.weight", name):
+            out[f"model.layers.{L + int(m[1])}.{MTP_KEY_MAP[m[2] + '.weight']}"] = name
+    assert inv_block  # the table is not empty
+    return out
+
+
+# ---------------------------------------------------------------- save
+
+def save(model, path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype | None = None):
+    """Write config.json, generation_config.json and safetensors weights into directory `path`.
+
+    Each file is written under a temporary name and renamed into place, weights before config, so
+    a crash never leaves a truncated file where a good one was; other files in the directory (a
+    tokenizer, training state) are left alone.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = to_hf_state_dict(model)
+    if dtype is not None:
+        tensors = {k: (v if k.endswith("e_score_correction_bias") else v.to(dtype)) for k, v in tensors.items()}
+    # safetensors wants contiguous tensors that own no shared storage.
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
+    weight_dtype = next(v.dtype for k, v in tensors.items() if k.endswith("embed_tokens.weight"))
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+
+    shards, cur, cur_bytes = [], {}, 0
+    for k in sorted(tensors):
+        nbytes = tensors[k].numel() * tensors[k].element_size()
+        if cur and cur_bytes + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+        cur[k] = tensors[k]
+        cur_bytes += nbytes
+    shards.append(cur)
+
+    old_files = {p.name for p in path.glob("model*.safetensors")} | ({SAFE_INDEX} if (path / SAFE_INDEX).exists() else set())
+    if len(shards) == 1:
+        written = [SAFE_SINGLE]
+        _atomic_write(path / SAFE_SINGLE, lambda f: save_file(shards[0], f, metadata={"format": "pt"}))
+    else:
+        n = len(shards)
+        written, weight_map = [], {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            _atomic_write(path / name, lambda f, s=shard: save_file(s, f, metadata={"format": "pt"}))
+            written.append(name)
+            weight_map.update({k: name for k in shard})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write_text(path / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True))
+        written.append(SAFE_INDEX)
+    cfg = model.cfg
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
+    _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2))
+    _atomic_write_text(path / "config.json", json.dumps(config_to_hf(cfg, weight_dtype), indent=2, sort_keys=True))
+    for stale in old_files - set(written):  # weights of an earlier save with a different layout
+        (path / stale).unlink(missing_ok=True)
+
+
+def _atomic_write(dest: Path, write):
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(dest: Path, text: str):
+    def write(name):
+        with open(name, "w") as f:
+            f.write(text + "\n")
+    _atomic_write(dest, write)
+
+
+# ---------------------------------------------------------------- load
+
+def read_config(path) -> ModelConfig:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: expected a directory holding config.json and model.safetensors")
+    cfg_file = path / "config.json" if path.is_dir() else path
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: is it a Hugging Face model directory?")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e}); restore it from the original checkpoint") from None
+    return config_from_hf(d, str(cfg_file))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / SAFE_INDEX).is_file():
+        try:
+            index = json.loads((path / SAFE_INDEX).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path / SAFE_INDEX} is not a valid safetensors index ({e})") from None
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path / SAFE_INDEX} lists shards that are missing: {', '.join(missing[:5])}")
+        return [path / n for n in names]
+    if (path / SAFE_SINGLE).is_file():
+        return [path / SAFE_SINGLE]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise FileNotFoundError(f"{path} has only pickle-based weights (.bin/.pt); seekling never unpickles files. "
+                                "Convert them to safetensors with transformers' save_pretrained(safe_serialization=True)")
+    raise FileNotFoundError(f"{path} has no {SAFE_SINGLE} or {SAFE_INDEX}")
+
+
+def read_tensors(path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in _weight_files(Path(path)):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    tensors[k] = st.get_tensor(k)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e}); it may be truncated or corrupted: "
+                             "re-download or re-save it") from None
+    return tensors
+
+
+def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load a DeepSeek-V3-layout checkpoint directory into a seekling Transformer."""
+    from seekling.model.transformer import Transformer
+
+    path = Path(path)
+    cfg = read_config(path)
+    hf = read_tensors(path)
+    if cfg.n_mtp_layers and not any(k.startswith(f"model.layers.{cfg.n_layers}.") for k in hf):
+        # transformers drops MTP weights when it saves; the main model is still exact without them.
+        warnings.warn(f"{path}: config has {cfg.n_mtp_layers} MTP layer(s) but the weights hold none "
+                      "(transformers does not save them); loading without MTP", stacklevel=2)
+        cfg = cfg.replace(n_mtp_layers=0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    ours = from_hf_state_dict(hf, cfg, model.state_dict(), str(path))
+    if dtype is None:
+        dtype = ours["embed.weight"].dtype
+    ours = {k: (v.float() if k.endswith("e_score_correction_bias") else v.to(dtype)) for k, v in ours.items()}
+    model.load_state_dict(ours, assign=True)
+    model.rope.inv_freq = model.rope.inv_freq.new_empty(0)  # rebuilt below; meta buffers hold no data
+    from seekling.model.rope import rope_inv_freq
+
+    model.rope.inv_freq = rope_inv_freq(cfg)[0]
+    return model.to(device).eval()
+
+
+def from_hf_state_dict(hf: dict, cfg: ModelConfig, expected: dict, source: str) -> dict:
+    """Rename (and restack experts) Hugging Face tensors to our names, checking names and shapes."""
+    key_map = hf_key_map(cfg, expected)
+    ours, used = {}, set()
+    for theirs, name in key_map.items():
+        if theirs in hf:
+            ours[name] = hf[theirs]
+            used.add(theirs)
+    for name in expected:
+        m = re.fullmatch(r"(layers\.(\d+)|mtp\.(\d+)\.block)\.ffn\.experts\.(w13|w2)", name)
+        if not m:
+            continue
+        layer = int(m[2]) if m[2] is not None else cfg.n_layers + int(m[3])
+        pre = f"model.layers.{layer}.mlp.experts."
+        parts = ("gate_proj", "up_proj") if m[4] == "w13" else ("down_proj",)
+        keys = [[f"{pre}{e}.{p}.weight" for p in parts] for e in range(cfg.n_routed_experts)]
+        if all(k in hf for ks in keys for k in ks):
+            ours[name] = torch.stack([torch.cat([hf[k] for k in ks]) for ks in keys])
+            used.update(k for ks in keys for k in ks)
+    for k in range(cfg.n_mtp_layers):  # shared copies: must equal the main embedding / head if present
+        for theirs in MTP_SHARED_COPIES:
+            used.add(f"model.layers.{cfg.n_layers + k}.{theirs}")
+    missing = [k for k in expected if k not in ours]
+    if missing:
+        raise ValueError(f"{source}: the weights lack {len(missing)} tensor(s) the config needs, e.g. "
+                         f"{', '.join(missing[:4])}; config.json and the safetensors files do not match")
+    unexpected = sorted(set(hf) - used)
+    if unexpected:
+        raise ValueError(f"{source}: the weights hold {len(unexpected)} tensor(s) the config does not describe, "
+                         f"e.g. {', '.join(unexpected[:4])}; config.json and the safetensors files do not match")
+    for name, t in ours.items():
+        want = tuple(expected[name].shape)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{source}: tensor for {name} has shape {tuple(t.shape)} but the config implies {want}; "
+                             "config.json and the safetensors files do not match")
+    return ours
+
+
+def n_bytes(model) -> int:
+    return sum(math.prod(p.shape) * p.element_size() for p in model.parameters())

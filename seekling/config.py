@@ -1,0 +1,129 @@
+"""Model configuration: one frozen dataclass in DeepSeek's own vocabulary.
+
+Field names follow DeepSeek-V3's reference `ModelArgs` (dim, inter_dim, n_routed_experts, ...).
+The renaming to Hugging Face's `DeepseekV3Config` lives in one table in `seekling/checkpoint.py`.
+Presets live in `seekling/presets.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A DeepSeek-V3-style model: MLA attention, DeepSeekMoE feed-forward, optional MTP."""
+
+    vocab_size: int = 4096
+    dim: int = 256  # hidden size
+    n_layers: int = 6
+    n_dense_layers: int = 1  # the first layers use a dense SwiGLU MLP (first_k_dense_replace)
+    inter_dim: int = 768  # dense MLP width
+    norm_eps: float = 1e-6
+    # Multi-head Latent Attention (DeepSeek-V2 section 2.1)
+    n_heads: int = 4
+    q_lora_rank: int | None = None  # None: direct query projection, as DeepSeek-V2-Lite
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    # RoPE; rope_type "yarn" enables YaRN context extension with DeepSeek's mscale
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    rope_interleave: bool = True  # DeepSeek's checkpoints rotate interleaved pairs (x0,x1),(x2,x3),...
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    original_seq_len: int = 1024
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    # DeepSeekMoE (DeepSeek-V3 section 2.1.2)
+    moe_inter_dim: int = 128  # width of one routed (and one shared) expert
+    n_routed_experts: int = 16
+    n_shared_experts: int = 1
+    n_activated_experts: int = 4  # top-k
+    n_expert_groups: int = 1  # n_group
+    n_limited_groups: int = 1  # topk_group
+    route_scale: float = 1.0  # routed_scaling_factor
+    norm_topk_prob: bool = True
+    # Multi-token prediction depth (DeepSeek-V3 section 2.2)
+    n_mtp_layers: int = 0
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+
+    def __post_init__(self):
+        def need(cond: bool, field: str, msg: str):
+            if not cond:
+                raise ValueError(f"ModelConfig.{field}: {msg}")
+
+        for f in ("vocab_size", "dim", "n_layers", "inter_dim", "n_heads", "kv_lora_rank",
+                  "qk_rope_head_dim", "v_head_dim", "max_seq_len", "moe_inter_dim",
+                  "n_expert_groups", "n_limited_groups", "original_seq_len"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f,
+                 f"must be a positive integer, got {getattr(self, f)!r}")
+        for f in ("qk_nope_head_dim", "n_dense_layers", "n_routed_experts", "n_shared_experts",
+                  "n_activated_experts", "n_mtp_layers"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 0, f,
+                 f"must be a non-negative integer, got {getattr(self, f)!r}")
+        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+             "q_lora_rank", f"must be None (direct query projection) or a positive integer, got {self.q_lora_rank!r}")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+             f"must be even (RoPE rotates pairs of dimensions), got {self.qk_rope_head_dim}")
+        need(self.n_dense_layers <= self.n_layers, "n_dense_layers",
+             f"({self.n_dense_layers}) cannot exceed n_layers ({self.n_layers}); "
+             "set it to n_layers for an all-dense model")
+        if self.has_moe:
+            need(self.n_routed_experts > 0, "n_routed_experts",
+                 "must be > 0 when some layers are MoE (n_dense_layers < n_layers)")
+            need(1 <= self.n_activated_experts <= self.n_routed_experts, "n_activated_experts",
+                 f"top-k ({self.n_activated_experts}) must be between 1 and n_routed_experts ({self.n_routed_experts})")
+            need(self.n_routed_experts % self.n_expert_groups == 0, "n_expert_groups",
+                 f"({self.n_expert_groups}) must divide n_routed_experts ({self.n_routed_experts})")
+            need(self.n_limited_groups <= self.n_expert_groups, "n_limited_groups",
+                 f"topk_group ({self.n_limited_groups}) cannot exceed n_expert_groups ({self.n_expert_groups})")
+            per_group = self.n_routed_experts // self.n_expert_groups
+            if self.n_expert_groups > 1:
+                # group score = sum of the top-2 expert scores in the group (DeepSeek-V3 reference)
+                need(per_group >= 2, "n_expert_groups",
+                     f"each group needs at least 2 experts for the top-2 group score, got {per_group}")
+            need(self.n_activated_experts <= self.n_limited_groups * per_group, "n_activated_experts",
+                 f"top-k ({self.n_activated_experts}) exceeds the experts in the {self.n_limited_groups} "
+                 f"selected groups ({self.n_limited_groups * per_group}); raise n_limited_groups")
+        need(self.rope_type in ("default", "yarn"), "rope_type",
+             f"must be 'default' or 'yarn', got {self.rope_type!r}")
+        if self.rope_type == "yarn":
+            need(self.rope_factor >= 1.0, "rope_factor", f"YaRN factor must be >= 1, got {self.rope_factor}")
+        need(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+        need(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
+        need(self.route_scale > 0, "route_scale", f"must be positive, got {self.route_scale}")
+        for f in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, f)
+            need(v is None or 0 <= v < self.vocab_size, f, f"{v} is outside the vocabulary (size {self.vocab_size})")
+
+    @property
+    def has_moe(self) -> bool:
+        return self.n_dense_layers < self.n_layers
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """Attention scale, with YaRN's mscale correction (DeepSeek-V2 appendix, reference `MLA.__init__`)."""
+        scale = self.qk_head_dim ** -0.5
+        if self.rope_type == "yarn" and self.mscale_all_dim:
+            m = yarn_mscale(self.rope_factor, self.mscale_all_dim)
+            scale = scale * m * m
+        return scale
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0

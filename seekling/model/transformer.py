@@ -1,0 +1,132 @@
+"""The DeepSeek-V3-style decoder: embeddings, blocks of MLA + (dense MLP | MoE), final norm, head, MTP.
+
+Shapes: B batch, T tokens, D model dim, V vocabulary.
+
+Each block keeps its residual stream in one place (`Block.forward`), so a different residual scheme
+(e.g. manifold-constrained hyper-connections) replaces two lines. The model holds no process-group,
+cache or training state: the caller passes an engine-owned KV cache and a RouterTrace when it wants them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seekling.config import ModelConfig
+from seekling.model.mla import MLA
+from seekling.model.mlp import MLP
+from seekling.model.moe import MoE, RouterTrace
+from seekling.model.norm import RMSNorm
+from seekling.model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg, layer_id) if moe else MLP(cfg.dim, cfg.inter_dim)
+
+    def forward(self, x, cos, sin, cache=None, trace: RouterTrace | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, trace) if isinstance(self.ffn, MoE) else self.ffn(h))
+
+
+class MTPLayer(nn.Module):
+    """One multi-token-prediction depth (DeepSeek-V3 section 2.2).
+
+    Combines the previous depth's (normed) hidden state at position i with the embedding of token
+    i+k, runs one block, and predicts token i+k+1 through the shared head. The embeddings and the
+    output head are shared with the main model, as in the paper.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # [embedding; hidden] order, as DeepSeek's released weights (and vLLM, transformers) use.
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        # transformers always builds MTP blocks as MoE; a model with no experts gets a dense one.
+        self.block = Block(cfg, layer_id, moe=cfg.n_routed_experts > 0)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # "shared_head.norm" in the checkpoint
+
+    def forward(self, h_prev, emb_next, cos, sin, cache=None, trace=None):
+        x = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
+        return self.norm(self.block(x, cos, sin, cache, trace))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.n_layers + k) for k in range(cfg.n_mtp_layers))
+        self.rope = RotaryEmbedding(cfg)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """Normal(0, initializer_range) for every matrix, ones for norms, zero balance bias (as transformers)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+               trace: RouterTrace | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B,T,D)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}")
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = self.rope(positions)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, trace)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                trace: RouterTrace | None = None) -> torch.Tensor:
+        """Logits (B,T,V) for token ids (B,T)."""
+        return self.head(self.hidden(input_ids, positions, cache, trace))
+
+    def mtp_hidden(self, h: torch.Tensor, input_ids: torch.Tensor, trace: RouterTrace | None = None) -> list[torch.Tensor]:
+        """Training-time MTP: for depth k = 1..n_mtp_layers, hidden states (B, T-k, D) whose logits
+        predict token i+k+1 at position i. `h` is the main model's final-normed output for `input_ids`."""
+        outs, T = [], input_ids.shape[1]
+        for k, layer in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            cos, sin = self.rope(torch.arange(T - k, device=input_ids.device))
+            h = layer(h[:, : T - k], self.embed(input_ids[:, k:]), cos, sin, None, trace)
+            outs.append(h)
+        return outs
+
+    def num_params(self, active: bool = False, embeddings: bool = True) -> int:
+        """Total parameters (main model and MTP), or those a token activates in the main model."""
+        cfg = self.cfg
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total if embeddings else total - self.embed.weight.numel()
+        n = total - sum(p.numel() for p in self.mtp.parameters())
+        E, K = cfg.n_routed_experts, cfg.n_activated_experts
+        per_expert = 3 * cfg.dim * cfg.moe_inter_dim
+        n -= (cfg.n_layers - cfg.n_dense_layers) * (E - K) * per_expert
+        return n if embeddings else n - self.embed.weight.numel()
+
+    def save(self, path, **kwargs):
+        """Write a Hugging Face DeepSeek-V3-layout checkpoint (see seekling.checkpoint.save)."""
+        from seekling.checkpoint import save
+
+        save(self, path, **kwargs)
