@@ -105,3 +105,24 @@ def test_negative_bias_masks_deselected_groups():
     ours.save("/tmp/_neg_bias_ckpt")
     theirs = DeepseekV3ForCausalLM.from_pretrained("/tmp/_neg_bias_ckpt").eval()
     compare(ours, theirs)
+
+
+def test_mtp_layer_matches_transformers_mtp_model(tmp_path, monkeypatch):
+    """Our MTP weights load into transformers' own MtpModel (DeepSeek layout) and give the same logits."""
+    from transformers.modeling_layers import MtpModel
+
+    cfg = ModelConfig(**(BASE | CONFIGS["q-lora/1-dense/groups/no-norm/yarn/llama-rope/mtp"]))
+    ours = Transformer(cfg).eval()
+    randomize(ours)
+    ours.save(tmp_path)
+    # transformers only looks for MTP weights at DeepSeek-V3's layer 61; point it at this config's.
+    monkeypatch.setattr(DeepseekV3ForCausalLM, "_keys_to_ignore_on_load_unexpected", [rf"model\.layers\.{cfg.n_layers}.*"])
+    main = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    mtp = MtpModel.from_pretrained(main).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 33))
+    with torch.no_grad():
+        h = main(ids, output_hidden_states=True).hidden_states[-1]
+        theirs = mtp._project_to_logits(mtp.forward_layer(0, h[:, :-1], torch.arange(1, 33)[None], None, input_ids=ids[:, 1:]))
+        mine = ours.head(ours.mtp_hidden(ours.hidden(ids), ids)[0])
+    assert (mine - theirs).abs().max() <= 1e-4
+    assert torch.equal(mine.argmax(-1), theirs.argmax(-1))
