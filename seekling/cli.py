@@ -1,0 +1,94 @@
+"""The `seekling` command: thin argument parsing that calls one function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def resolve_config(spec: str):
+    """A preset name or a checkpoint directory -> (ModelConfig, description)."""
+    from seekling.checkpoint import read_config
+    from seekling.presets import PRESETS, get_preset
+
+    if spec in PRESETS:
+        return get_preset(spec), f"preset {spec}"
+    if Path(spec).exists():
+        return read_config(spec), str(spec)
+    raise FileNotFoundError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory")
+
+
+def cmd_info(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from seekling.stats import model_stats
+
+    cfg, source = resolve_config(args.model)
+    s = model_stats(cfg, context=args.context)
+    console = Console()
+    arch = Table(title=f"seekling model: {source}", show_header=False, title_justify="left")
+    arch.add_column(style="bold")
+    arch.add_column()
+    n_moe = cfg.n_layers - cfg.n_dense_layers
+    rope = "default" if cfg.rope_type == "default" else f"YaRN x{cfg.rope_factor:g} from {cfg.original_seq_len}"
+    rows = [
+        ("layers", f"{cfg.n_layers} ({cfg.n_dense_layers} dense SwiGLU, {n_moe} MoE) + {cfg.n_mtp_layers} MTP"),
+        ("hidden / vocab / context", f"{cfg.dim} / {cfg.vocab_size} / {cfg.max_seq_len}"),
+        ("attention (MLA)", f"{cfg.n_heads} heads, q_lora {cfg.q_lora_rank or 'none (direct)'}, kv_lora {cfg.kv_lora_rank}, "
+                            f"qk {cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim} rope, v {cfg.v_head_dim}"),
+        ("rope", f"{rope}, theta {cfg.rope_theta:g}, {'interleaved' if cfg.rope_interleave else 'half-split'}"),
+        ("experts per MoE layer", f"{cfg.n_routed_experts} routed (width {cfg.moe_inter_dim}) + {cfg.n_shared_experts} shared"
+         if cfg.has_moe else "none (dense model)"),
+        ("routing", f"top-{cfg.n_activated_experts} of {cfg.n_routed_experts}, sigmoid, {cfg.n_expert_groups} groups "
+                    f"(keep {cfg.n_limited_groups}), scale {cfg.route_scale:g}, norm_topk {cfg.norm_topk_prob}"
+         if cfg.has_moe else "-"),
+        ("parameters, total", f"{_human(s.total_params)} ({s.total_params:,}; MTP {_human(s.mtp_params)})"),
+        ("parameters, active per token", f"{_human(s.active_params)} ({100 * s.active_params / (s.total_params - s.mtp_params):.1f}% of the main model)"),
+        (f"FLOPs per token (forward, ctx {s.context})", _human(s.flops_per_token, "FLOP")),
+        ("KV cache per token (bf16)", f"{_human(s.kv_latent_bytes_per_token, 'B')} latent vs {_human(s.kv_full_bytes_per_token, 'B')} "
+                                      f"full K/V ({s.kv_full_bytes_per_token / s.kv_latent_bytes_per_token:.1f}x smaller)"),
+    ]
+    for k, v in rows:
+        arch.add_row(k, v)
+    console.print(arch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seekling", description="DeepSeek-style sparse language models: train, chat, serve.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = sub.add_parser("info", help="architecture and sparsity numbers of a preset or checkpoint")
+    info.add_argument("model", metavar="PATH_OR_PRESET")
+    info.add_argument("--context", type=int, default=None, help="context length for attention FLOPs (default: max_seq_len)")
+    info.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"seekling {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The latent-only paged KV cache: fixed-size blocks of MLA latents, a free list, and block tables.
+
+Shapes: L cache layers (main layers, then one per MTP draft depth), NB blocks, P block_size tokens,
+C kv_lora_rank, R qk_rope_head_dim, Q max sequences (block-table rows), W blocks per row.
+
+MLA needs only the normed latent kv_C and the shared rotary key k_pe per token (DeepSeek-V2 section
+2.1), so a token costs L * (C + R) values: for the tiny preset 6 * 80 fp32 = 1920 bytes, against
+6 * 4 * (48 + 32) * 4 = 7680 bytes for the expanded K/V a plain cache would hold.
+
+Memory is one tensor `pool` (L, NB, P, C+R) allocated up front, so a full cache never fragments
+and capacity is known before the first request. A running sequence owns one row of the int64
+`block_table` (Q, W): attention gathers a whole batch's blocks with one indexing op per layer,
+with no Python per token. Blocks are handed out from a LIFO free list (recently freed blocks are
+warm in cache); unused table entries point at block 0 and are masked by sequence length.
+Left out: prefix sharing (copy-on-write blocks with reference counts) and swapping to host memory;
+preempted sequences are recomputed instead, which is cheap next to decode on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class LatentCache:
+    """Block pool, free list and per-sequence block tables for the latent cache."""
+
+    def __init__(self, *, n_layers: int, n_blocks: int, block_size: int, latent_dim: int, rope_dim: int,
+                 max_seqs: int, max_blocks_per_seq: int, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        assert n_layers > 0 and n_blocks > 0 and block_size > 0 and max_seqs > 0 and max_blocks_per_seq > 0
+        self.n_layers, self.n_blocks, self.block_size = n_layers, n_blocks, block_size
+        self.latent_dim, self.rope_dim = latent_dim, rope_dim
+        # Zero-filled, not empty: masked-out slots still enter `probs @ kv`, and 0 * NaN garbage is NaN.
+        self.pool = torch.zeros(n_layers, n_blocks, block_size, latent_dim + rope_dim, dtype=dtype, device=device)
+        self.block_table = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.long, device=device)
+        self._free_blocks = list(range(n_blocks - 1, -1, -1))
+        self._free_rows = list(range(max_seqs - 1, -1, -1))
+        self._row_blocks: dict[int, list[int]] = {}
+
+    # ------------------------------------------------------------ sizes
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.n_layers * (self.latent_dim + self.rope_dim) * self.pool.element_size()
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.n_blocks * self.block_size
+
+    @property
+    def max_tokens_per_seq(self) -> int:
+        return self.block_table.shape[1] * self.block_size
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return math.ceil(n_tokens / self.block_size)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_blocks)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.n_blocks - len(self._free_blocks)
+
+    @property
+    def num_free_rows(self) -> int:
+        return len(self._free_rows)
+
+    # ------------------------------------------------------------ rows and blocks
+
+    def open_row(self) -> int:
+        """Claim a block-table row for a new running sequence."""
+        assert self._free_rows, "no free block-table row; the scheduler must check num_free_rows"
+        row = self._free_rows.pop()
+        self._row_blocks[row] = []
+        return row
+
+    def close_row(self, row: int):
+        """Return a finished, cancelled or preempted sequence's blocks and row to the free lists."""
+        blocks = self._row_blocks.pop(row)
+        self._free_blocks.extend(reversed(blocks))
+        self._free_rows.append(row)
+
+    def row_tokens(self, row: int) -> int:
+        """Token positions the row's blocks cover."""
+        return len(self._row_blocks[row]) * self.block_size
+
+    def reserve(self, row: int, n_tokens: int) -> bool:
+        """Grow `row` to cover positions [0, n_tokens); all or nothing. False when blocks are short."""
+        have = self._row_blocks[row]
+        need = self.blocks_for(n_tokens) - len(have)
+        if need <= 0:
+            return True
+        assert len(have) + need <= self.block_table.shape[1], "sequence longer than the block table"
+        if need > len(self._free_blocks):
+            return False
+        new = [self._free_blocks.pop() for _ in range(need)]
+        self.block_table[row, len(have):len(have) + need] = torch.tensor(new, dtype=torch.long)
+        have.extend(new)
+        return True
+
+    def check(self):
+        """Internal invariant: every block is either free or owned by exactly one row."""
+        owned = [b for bl in self._row_blocks.values() for b in bl]
+        assert len(owned) == len(set(owned)), "a block is owned twice"
+        assert sorted(owned + self._free_blocks) == list(range(self.n_blocks)), "a block leaked"
+
+
+def cache_blocks(*, capacity_tokens: int | None, capacity_bytes: int | None, block_size: int,
+                 bytes_per_token: int) -> int:
+    """Number of blocks for a capacity given in tokens or in bytes (exactly one of them)."""
+    if capacity_bytes is not None:
+        return capacity_bytes // (bytes_per_token * block_size)
+    return math.ceil(capacity_tokens / block_size)

@@ -1,0 +1,190 @@
+"""Sampling: per-request parameters, batched logit processing, and token choice from per-request RNGs.
+
+Shapes: M sampling rows (one per sequence, or k+1 per sequence when verifying drafts), V vocabulary.
+
+Every request owns a `torch.Generator` and draws exactly one uniform per sampled token (plus the
+acceptance uniforms of speculative decoding), so a seeded request gives the same tokens whatever
+else is in the batch. Tokens are drawn by inverse CDF from that uniform rather than with
+`torch.multinomial`, which would need one call per row to honour per-row generators anyway.
+
+Processing order follows vLLM and Hugging Face: repetition, frequency and presence penalties on
+the raw logits, then temperature, then top-k, top-p and min-p truncation. Temperature 0 means
+greedy: argmax of the penalised logits, whose processed distribution is one-hot.
+
+Two logprobs are reported per token: `logprob`, the fp32 log-softmax of the raw logits (what a
+trainer recomputes, so RL can compare policies), and `sampled_logprob`, under the processed
+distribution the token was actually drawn from.
+Left out: logit bias, bad-word lists and guided decoding; they would slot in as one more stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for `top_logprobs`
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How one request is decoded. `temperature=0` is greedy; `logprobs=N` returns N alternatives per token."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0  # on generated tokens only, as OpenAI and vLLM
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # on prompt and generated tokens, as Hugging Face and vLLM
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings; need the engine's `decode` function
+    ignore_eos: bool = False
+    logprobs: int = 0  # number of top alternatives (raw log-softmax) reported per token
+
+    def __post_init__(self):
+        def need(cond, field, msg):
+            if not cond:
+                raise ValueError(f"SamplingParams.{field}: {msg}")
+
+        # Accept lists (JSON requests) but store tuples so the dataclass stays hashable and frozen.
+        for f in ("stop_token_ids", "stop"):
+            v = getattr(self, f)
+            if isinstance(v, (str, int)):
+                v = (v,)
+            object.__setattr__(self, f, tuple(v))
+        need(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
+             f"must be a positive integer, got {self.max_tokens!r}")
+        need(self.temperature >= 0, "temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
+        need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"must be an integer >= 0 (0 disables), got {self.top_k!r}")
+        need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        need(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
+        for f in ("presence_penalty", "frequency_penalty"):
+            need(-2 <= getattr(self, f) <= 2, f, f"must be in [-2, 2] (OpenAI's range), got {getattr(self, f)}")
+        need(self.repetition_penalty > 0, "repetition_penalty", f"must be > 0 (1 disables), got {self.repetition_penalty}")
+        need(self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer or None, got {self.seed!r}")
+        need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+             f"must be non-negative token ids, got {self.stop_token_ids!r}")
+        need(all(isinstance(s, str) and s for s in self.stop), "stop", f"must be non-empty strings, got {self.stop!r}")
+        need(isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS, "logprobs",
+             f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass
+class Penalties:
+    """Per-row token statistics for the penalties: generated-token counts and a prompt-or-generated mask."""
+
+    counts: torch.Tensor  # (M,V) fp32
+    seen: torch.Tensor  # (M,V) bool
+
+
+def process_logits(logits: torch.Tensor, params: list[SamplingParams],
+                   penalties: Penalties | None = None) -> torch.Tensor:
+    """Raw logits (M,V) -> processed fp32 logits, truncated tokens at -inf. Greedy rows get penalties only."""
+    x = logits.float().clone()
+    M = x.shape[0]
+    if penalties is not None:
+        rep = torch.tensor([p.repetition_penalty for p in params])[:, None]
+        freq = torch.tensor([p.frequency_penalty for p in params])[:, None]
+        pres = torch.tensor([p.presence_penalty for p in params])[:, None]
+        # Repetition penalty (Keskar et al. 2019, CTRL): shrink seen logits towards zero.
+        x = torch.where(penalties.seen, torch.where(x > 0, x / rep, x * rep), x)
+        x = x - freq * penalties.counts - pres * (penalties.counts > 0).float()
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return x
+    temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params])[:, None]
+    x = x / temp
+    top_k = [p.top_k if not p.greedy else 0 for p in params]
+    top_p = [p.top_p if not p.greedy else 1.0 for p in params]
+    if any(top_k) or any(v < 1.0 for v in top_p):
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        remove = torch.zeros_like(sorted_x, dtype=torch.bool)
+        if any(top_k):
+            k = torch.tensor([k if k else x.shape[1] for k in top_k])[:, None]
+            remove |= torch.arange(x.shape[1])[None] >= k
+            sorted_x = sorted_x.masked_fill(remove, float("-inf"))
+        if any(v < 1.0 for v in top_p):
+            probs = sorted_x.softmax(dim=-1)
+            before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+            # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+            limit = torch.tensor([v if v < 1.0 else 2.0 for v in top_p])[:, None]
+            remove |= before >= limit
+        x = x.masked_fill(torch.zeros_like(remove).scatter_(1, order, remove), float("-inf"))
+    min_p = [p.min_p if not p.greedy else 0.0 for p in params]
+    if any(min_p):
+        probs = x.softmax(dim=-1)
+        floor = torch.tensor(min_p)[:, None] * probs.max(dim=-1, keepdim=True).values
+        x = x.masked_fill(probs < floor, float("-inf"))
+    assert x.shape[0] == M
+    return x
+
+
+def distribution(processed: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Processed logits -> probabilities (M,V); greedy rows are one-hot at their argmax."""
+    probs = processed.softmax(dim=-1)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        g = torch.tensor(greedy)
+        probs[g] = torch.zeros_like(probs[g]).scatter_(1, processed[g].argmax(-1, keepdim=True), 1.0)
+    return probs
+
+
+def draw_uniforms(generators: list[torch.Generator], n: int = 1) -> torch.Tensor:
+    """(M, n) uniforms, row i from generators[i]: the only randomness the sampler uses."""
+    return torch.stack([torch.rand(n, generator=g) for g in generators])
+
+
+def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: probs (M,V), u (M,) in [0,1) -> token ids (M,). Zero-probability tokens are never drawn."""
+    cdf = probs.cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(-1)
+    tok = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[1] - 1)
+    # Rounding can push the target onto the top of the CDF; fall back to the last token with mass.
+    bad = probs.gather(1, tok[:, None]).squeeze(1) <= 0
+    if bad.any():
+        last = (probs > 0).float().cumsum(-1).argmax(-1)
+        tok = torch.where(bad, last, tok)
+    return tok
+
+
+def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int = 0):
+    """fp32 log-softmax of raw logits at `tokens` (M,), and the top_n (values, ids) alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1)
+    top = logp.topk(top_n, dim=-1) if top_n else None
+    return chosen, top
+
+
+def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_accept: torch.Tensor,
+                  u_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
+
+    p (M,K+1,V) target distributions, q (M,K,V) draft distributions, drafts (M,K) drawn from q,
+    u_accept (M,K), u_sample (M,). Draft j is kept while u < p(x)/q(x); at the first rejection the
+    token is drawn from normalise(max(0, p - q)), and if all K survive a bonus token comes from p[K].
+    The output tokens are distributed exactly as p. Returns (n_accepted (M,), next_token (M,)).
+    """
+    M, K = drafts.shape
+    px = p[:, :K].gather(2, drafts[..., None]).squeeze(-1)
+    qx = q.gather(2, drafts[..., None]).squeeze(-1)
+    # u < p/q written as u*q < p: no division, and q(x) > 0 for a drawn draft.
+    ok = u_accept * qx < px
+    n_acc = ok.int().cumprod(dim=1).sum(dim=1)  # length of the accepted prefix
+    rows = torch.arange(M)
+    target = p[rows, n_acc]  # (M,V) p at the first rejected position (or the bonus position)
+    residual = torch.where((n_acc < K)[:, None], (target - q[rows, n_acc.clamp_max(K - 1)]).clamp_min(0), target)
+    # p == q makes rejection impossible, but rounding can still leave an all-zero residual: use p.
+    empty = residual.sum(-1) <= 0
+    residual = torch.where(empty[:, None], target, residual)
+    return n_acc, sample_from(residual, u_sample)
