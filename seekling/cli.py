@@ -62,6 +62,12 @@ def cmd_info(args) -> None:
     console.print(arch)
 
 
+def cmd_tokenizer_train(args) -> None:
+    from seekling.tokenizer import cmd_tokenizer_train
+
+    cmd_tokenizer_train(args.data, args.vocab_size, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seekling", description="DeepSeek-style sparse language models: train, chat, serve.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -70,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", metavar="PATH_OR_PRESET")
     info.add_argument("--context", type=int, default=None, help="context length for attention FLOPs (default: max_seq_len)")
     info.set_defaults(func=cmd_info)
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    tok_train = tok_sub.add_parser("train", help="train on --data (default: the embedded Shakespeare corpus)")
+    tok_train.add_argument("--data", action="append", metavar="PATH",
+                           help=".txt/.md/.jsonl file or directory; repeat for several (default: embedded corpus)")
+    tok_train.add_argument("--vocab-size", type=int, default=4096)
+    tok_train.add_argument("--out", required=True, metavar="DIR", help="where to write tokenizer.json and friends")
+    tok_train.set_defaults(func=cmd_tokenizer_train)
     return p
 
 
