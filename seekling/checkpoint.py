@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from seekling.config import ModelConfig
+from seekling.model.rope import rope_inv_freq
 
 # ModelConfig field -> DeepseekV3Config field (rope fields are handled by _rope_to_hf / _rope_from_hf).
 CONFIG_MAP = {
@@ -350,9 +351,7 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
         dtype = ours["embed.weight"].dtype
     ours = {k: (v.float() if k.endswith("e_score_correction_bias") else v.to(dtype)) for k, v in ours.items()}
     model.load_state_dict(ours, assign=True)
-    model.rope.inv_freq = model.rope.inv_freq.new_empty(0)  # rebuilt below; meta buffers hold no data
-    from seekling.model.rope import rope_inv_freq
-
+    # The rope buffer is not in the checkpoint (non-persistent) and was built on the meta device.
     model.rope.inv_freq = rope_inv_freq(cfg)[0]
     return model.to(device).eval()
 
@@ -376,9 +375,13 @@ def from_hf_state_dict(hf: dict, cfg: ModelConfig, expected: dict, source: str) 
         if all(k in hf for ks in keys for k in ks):
             ours[name] = torch.stack([torch.cat([hf[k] for k in ks]) for ks in keys])
             used.update(k for ks in keys for k in ks)
-    for k in range(cfg.n_mtp_layers):  # shared copies: must equal the main embedding / head if present
-        for theirs in MTP_SHARED_COPIES:
-            used.add(f"model.layers.{cfg.n_layers + k}.{theirs}")
+    for k in range(cfg.n_mtp_layers):  # copies of the shared embedding / head: we use the main ones
+        for theirs, main in MTP_SHARED_COPIES.items():
+            key = f"model.layers.{cfg.n_layers + k}.{theirs}"
+            used.add(key)
+            if key in hf and main in ours and not torch.equal(hf[key], ours[main]):
+                warnings.warn(f"{source}: {key} differs from the main model's {main}; seekling shares the main "
+                              "one, as DeepSeek-V3 trains MTP", stacklevel=3)
     missing = [k for k in expected if k not in ours]
     if missing:
         raise ValueError(f"{source}: the weights lack {len(missing)} tensor(s) the config needs, e.g. "
