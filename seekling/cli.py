@@ -68,6 +68,40 @@ def cmd_tokenizer_train(args) -> None:
     cmd_tokenizer_train(args.data, args.vocab_size, args.out)
 
 
+def cmd_generate(args) -> None:
+    from seekling.terminal import run_generate
+
+    run_generate(args)
+
+
+def cmd_chat(args) -> None:
+    from seekling.terminal import run_chat
+
+    run_chat(args)
+
+
+def cmd_inspect(args) -> None:
+    from seekling.terminal import run_inspect
+
+    run_inspect(args)
+
+
+def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 disables")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop string; repeat for several")
+    g.add_argument("--speculative", type=int, default=None, metavar="K",
+                   help="MTP self-speculative decoding with K draft tokens (needs a model with MTP layers)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seekling", description="DeepSeek-style sparse language models: train, chat, serve.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -85,6 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--vocab-size", type=int, default=4096)
     tok_train.add_argument("--out", required=True, metavar="DIR", help="where to write tokenizer.json and friends")
     tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    gen = sub.add_parser("generate", help="continue a prompt, streaming to stdout")
+    gen.add_argument("--model", required=True, metavar="DIR")
+    gen.add_argument("prompt")
+    _sampling_flags(gen, temperature=0.8, max_tokens=200)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="chat with a model in the terminal (/reset, /exit)")
+    chat.add_argument("--model", required=True, metavar="DIR")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _sampling_flags(chat, temperature=0.7, max_tokens=300)
+    chat.set_defaults(func=cmd_chat)
+
+    ins = sub.add_parser("inspect", help="show which experts each token routes to, as a table and a PNG heatmap")
+    ins.add_argument("--model", required=True, metavar="DIR")
+    ins.add_argument("text")
+    ins.add_argument("--png", default="routing.png", help="where to write the heatmap (default routing.png)")
+    ins.set_defaults(func=cmd_inspect)
     return p
 
 
