@@ -86,6 +86,14 @@ def cmd_inspect(args) -> None:
     run_inspect(args)
 
 
+def cmd_serve(args) -> None:
+    from seekling.serve import run_server
+
+    run_server(args.model, host=args.host, port=args.port, api_key=args.api_key,
+               max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+               model_name=args.model_name, torch_threads=args.threads)
+
+
 def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -137,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("text")
     ins.add_argument("--png", default="routing.png", help="where to write the heatmap (default routing.png)")
     ins.set_defaults(func=cmd_inspect)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible API and a chat page at / for a model directory")
+    serve.add_argument("--model", required=True, metavar="DIR")
+    serve.add_argument("--host", default="127.0.0.1", help="default loopback only")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    serve.add_argument("--max-concurrency", type=int, default=32, help="requests generating at once")
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    serve.add_argument("--model-name", default=None, help="model id (default: directory name)")
+    serve.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs - 1)")
+    serve.set_defaults(func=cmd_serve)
     return p
 
 
