@@ -14,21 +14,25 @@ calls `attend`, which writes the segments' new latents into the pool and attends
   sequence share keys: they are stacked as query rows of one (H*L, D) x (D, S) matmul per
   sequence (MLA decodes like multi-query attention, DeepSeek-V2 section 2.1.2). W_UV is applied
   after attention. Nothing per head of size S is ever materialised beyond the scores.
-* Long segments (prefill chunks) loop one by one through the *naive* path: the latents are
-  expanded to per-head K/V with W_UKV and attended with SDPA. Measured on the 2-core AVX2 CPU
-  for the tiny preset (bench notes in docs of `EngineConfig.prefill_attention`): naive prefill
-  of 1024 tokens is ~1.6x faster than absorbed, because with T == S the score matmuls dominate and
-  absorbed scores are D=80 wide against naive 48 (and values 64 against 32).
-  A fresh prompt (start 0) attends over the projections directly with the causal kernel.
+* Long segments (prefill chunks) loop one by one, absorbed too by default (`prefill="absorbed"`):
+  queries move into latent space and SDPA's fused kernel attends over the latents, all heads
+  sharing one stride-0 key set. Measured on the 2-core AVX2 CPU, tiny preset, whole-model
+  prefill: 1024 tokens in one chunk 290 ms absorbed vs 697 ms naive, 4096 tokens 1.6 s vs 5.8 s,
+  4096 tokens in 512-token chunks 2.4 s vs 3.5 s. Naive expands latents to per-head K/V through
+  W_UKV, and its unequal widths (q/k 48, v 32) send SDPA down the unfused path that materialises
+  every score; absorbed keys and values are the same 80-wide latent, which the fused kernel takes.
+  A segment that starts its sequence attends over its own projections, causally, without a gather.
 
 `mode="naive"` sends every segment through the naive path: the slow, obvious reference the
 tests compare the absorbed path against.
 Left out: a fused paged kernel that reads blocks in place; on CPU the gather costs one copy of
-the batch's latents per layer, which is small next to transformers' full-K/V cache growth.
+the batch's latents per layer. (transformers 5.x also caches only latents, but grows them with
+torch.cat and re-expands the whole context through W_UKV at every decode step.)
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -58,80 +62,113 @@ class CacheBatch:
     """One forward's segments over a LatentCache; implements the model's `cache.attend` protocol."""
 
     def __init__(self, cache: LatentCache, rows: list[int], starts: list[int], lengths: list[int], *,
-                 n_heads: int, mode: str = "absorbed", short_max: int = 8, slot: int | None = None):
-        assert mode in ("absorbed", "naive") and len(rows) == len(starts) == len(lengths) > 0
-        self.cache, self.mode, self.slot = cache, mode, slot
+                 n_heads: int, mode: str = "absorbed", prefill: str = "absorbed", short_max: int = 8,
+                 slot: int | None = None):
+        assert mode in ("absorbed", "naive") and prefill in ("absorbed", "naive")
+        assert len(rows) == len(starts) == len(lengths) > 0
+        self.cache, self.slot = cache, slot
+        self.prefill = "naive" if mode == "naive" else prefill
         P = cache.block_size
         self.n_tokens = sum(lengths)
-        rows_t = torch.tensor(rows)
-        starts_t = torch.tensor(starts)
-        lens_t = torch.tensor(lengths)
         # Positions of all packed tokens, and where each one is written in the flattened pool.
-        seg_of_token = torch.repeat_interleave(torch.arange(len(rows)), lens_t)
-        offsets = torch.cumsum(lens_t, 0) - lens_t
-        self.positions = starts_t[seg_of_token] + torch.arange(self.n_tokens) - offsets[seg_of_token]
-        blocks = cache.block_table[rows_t[seg_of_token], self.positions // P]
-        self.slots = blocks * P + self.positions % P
+        # Decode and verification steps have equal lengths: a few tensor ops, however large the batch.
+        if all(L == 1 for L in lengths):
+            pos, row_of_token = torch.tensor(starts), torch.tensor(rows)
+        elif len(set(lengths)) == 1:
+            L0 = lengths[0]
+            pos = (torch.tensor(starts)[:, None] + torch.arange(L0)[None]).flatten()
+            row_of_token = torch.tensor(rows).repeat_interleave(L0)
+        else:
+            pos = torch.cat([torch.arange(s, s + L) for s, L in zip(starts, lengths)])
+            row_of_token = torch.repeat_interleave(torch.tensor(rows), torch.tensor(lengths))
+        self.positions = pos
+        self.slots = cache.block_table[row_of_token, pos // P] * P + pos % P
 
+        offsets = list(itertools.accumulate(lengths, initial=0))
         short = [i for i, L in enumerate(lengths) if mode == "absorbed" and L <= short_max]
-        self.long = [(int(offsets[i]), rows[i], starts[i], lengths[i]) for i in range(len(rows)) if i not in set(short)]
+        is_short = set(short)
+        self.long = [(offsets[i], rows[i], starts[i], lengths[i]) for i in range(len(rows)) if i not in is_short]
         self.short = None
         if short:
-            s_idx = torch.tensor(short)
-            s_lens, s_starts = lens_t[s_idx], starts_t[s_idx]
-            n, Lmax = len(short), int(s_lens.max())
-            nb = math.ceil(int((s_starts + s_lens).max()) / P)
+            n, Lmax = len(short), max(lengths[i] for i in short)
+            S = math.ceil(max(starts[i] + lengths[i] for i in short) / P) * P
             # Query l of a segment starting at position s may see keys 0..s+l; padding rows l >= length
             # see a valid prefix too, so no softmax row is empty (they are discarded afterwards).
-            allowed = torch.arange(nb * P)[None, None, :] <= (s_starts[:, None] + torch.arange(Lmax)[None])[:, :, None]
-            bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))  # (n, Lmax, S)
-            bias = bias.view(n, 1, nb * P) if Lmax == 1 else (
-                bias[:, :, None, :].expand(n, Lmax, n_heads, nb * P).reshape(n, Lmax * n_heads, nb * P))
-            # Packed index of every padded (segment, l) slot; pads repeat the segment's first token.
-            pad = offsets[s_idx][:, None] + torch.minimum(torch.arange(Lmax)[None], s_lens[:, None] - 1)
-            valid = (torch.arange(Lmax)[None] < s_lens[:, None]).flatten()
-            contiguous = bool((s_lens == Lmax).all()) and short == list(range(n))
-            self.short = dict(n=n, L=Lmax, table=cache.block_table[rows_t[s_idx], :nb], bias=bias,
-                              gather=None if contiguous else pad.flatten(),
-                              scatter=None if contiguous else pad.flatten()[valid], valid=valid)
+            q_pos = torch.tensor([[starts[i] + l for l in range(Lmax)] for i in short])  # (n, Lmax)
+            bias = torch.zeros(n, Lmax, S).masked_fill_(cache.arange(S)[None, None] > q_pos[..., None], float("-inf"))
+            bias = bias.view(n, 1, S) if Lmax == 1 else (
+                bias[:, :, None, :].expand(n, Lmax, n_heads, S).reshape(n, Lmax * n_heads, S))
+            table = cache.block_table[torch.tensor([rows[i] for i in short]), :S // P]
+            self.short = dict(n=n, L=Lmax, table=table, bias=bias, gather=None)
+            if short != list(range(n)) or any(lengths[i] != Lmax for i in short):
+                # Packed index of every padded (segment, l) slot; pads repeat the segment's last token.
+                pad = [offsets[i] + min(l, lengths[i] - 1) for i in short for l in range(Lmax)]
+                valid = [l < lengths[i] for i in short for l in range(Lmax)]
+                self.short.update(gather=torch.tensor(pad), valid=torch.tensor(valid),
+                                  scatter=torch.tensor([p for p, v in zip(pad, valid) if v]))
 
     def attend(self, mla, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
         """q_nope (1,N,H,N_d), q_pe (1,N,H,R), kv (1,N,C), k_pe (1,N,R) -> (1,N,H*V); stores kv, k_pe."""
-        pool = self.cache.pool[mla.layer_id if self.slot is None else self.slot]  # (NB, P, D)
+        layer = mla.layer_id if self.slot is None else self.slot
+        pool = self.cache.pool[layer]  # (NB, P, D)
         D = pool.shape[-1]
         entries = torch.cat((kv[0], k_pe[0]), dim=-1)
         pool.view(-1, D).index_copy_(0, self.slots, entries.to(pool.dtype))
         H = q_nope.shape[2]
         if self.short is not None and not self.long and self.short["gather"] is None:
-            return self._short(mla, pool, q_nope[0], q_pe[0]).reshape(1, self.n_tokens, -1)
+            return self._short(mla, layer, q_nope[0], q_pe[0]).reshape(1, self.n_tokens, -1)
         out = q_nope.new_empty(self.n_tokens, H * mla.v_dim)
         if self.short is not None:
             s = self.short
             g = s["gather"]
-            o = self._short(mla, pool, q_nope[0, g], q_pe[0, g])  # (n*L, H*V), padded order
-            out[s["scatter"]] = o[s["valid"]]
+            if g is None:  # the group is the first n*L packed tokens, unpadded
+                out[:s["n"] * s["L"]] = self._short(mla, layer, q_nope[0, :s["n"] * s["L"]], q_pe[0, :s["n"] * s["L"]])
+            else:
+                o = self._short(mla, layer, q_nope[0, g], q_pe[0, g])  # (n*L, H*V), padded order
+                out[s["scatter"]] = o[s["valid"]]
+        segment = self._segment_naive if self.prefill == "naive" else self._segment_absorbed
         for off, row, start, length in self.long:
-            out[off:off + length] = self._segment(mla, pool, row, start, length, q_nope[:, off:off + length],
-                                                  q_pe[:, off:off + length], kv[:, off:off + length],
-                                                  k_pe[:, off:off + length])[0]
+            sl = slice(off, off + length)
+            out[sl] = segment(mla, layer, row, start, length, q_nope[0, sl], q_pe[0, sl], kv[0, sl], k_pe[0, sl])
         return out[None]
 
-    def _short(self, mla, pool, q_nope, q_pe) -> torch.Tensor:
+    def _short(self, mla, layer, q_nope, q_pe) -> torch.Tensor:
         s = self.short
         n, L = s["n"], s["L"]
-        keys = pool[s["table"]].view(n, -1, pool.shape[-1])  # one gather of the group's blocks
+        keys = self.cache.gather(layer, s["table"])  # one copy of the group's blocks
         out = absorbed_attention(mla, q_nope.view(n, L, *q_nope.shape[1:]), q_pe.view(n, L, *q_pe.shape[1:]),
                                  keys, s["bias"])
         return out.reshape(n * L, -1)
 
-    def _segment(self, mla, pool, row, start, length, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
-        """Naive attention for one segment: over its own projections when it starts the sequence."""
+    def _cached(self, layer, row, S) -> torch.Tensor:
+        """(S, D) cache entries of positions [0, S) of one row, including this forward's."""
+        table = self.cache.block_table[row, :math.ceil(S / self.cache.block_size)]
+        return self.cache.gather(layer, table[None])[0, :S]
+
+    def _segment_naive(self, mla, layer, row, start, length, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
+        """Expand latents to per-head K/V (W_UKV) and attend; over its own projections at start 0."""
         if start == 0:
-            return mla.attend_naive(q_nope, q_pe, kv, k_pe, causal=True)
+            return mla.attend_naive(q_nope[None], q_pe[None], kv[None], k_pe[None], causal=True)[0]
         S = start + length
-        nb = math.ceil(S / self.cache.block_size)
-        cached = pool[self.cache.block_table[row, :nb]].view(-1, pool.shape[-1])[:S]
+        cached = self._cached(layer, row, S).to(kv.dtype)
         mask = torch.arange(S)[None, :] <= (start + torch.arange(length))[:, None]
         C = mla.kv_lora_rank
-        return mla.attend_naive(q_nope, q_pe, cached[None, :, :C].to(kv.dtype), cached[None, :, C:].to(kv.dtype),
-                                mask=mask[None, None])
+        return mla.attend_naive(q_nope[None], q_pe[None], cached[None, :, :C], cached[None, :, C:],
+                                mask=mask[None, None])[0]
+
+    def _segment_absorbed(self, mla, layer, row, start, length, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
+        """Absorbed attention for one long segment through SDPA's fused kernel, heads sharing one key set."""
+        if start == 0:
+            keys, mask = torch.cat((kv, k_pe), dim=-1), None
+        else:
+            S = start + length
+            keys = self._cached(layer, row, S).to(kv.dtype)
+            mask = (torch.arange(S)[None, :] <= (start + torch.arange(length))[:, None])[None, None]
+        w_uk, w_uv = mla.absorbed_weights()  # (H,N_d,C), (H,V,C)
+        H, C = w_uk.shape[0], w_uk.shape[-1]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk)  # (H, L, C)
+        q = torch.cat((q_lat, q_pe.transpose(0, 1).to(q_lat.dtype)), dim=-1)
+        k = keys[None, None].expand(1, H, *keys.shape)  # a stride-0 view: the heads share the latents
+        o = F.scaled_dot_product_attention(q[None], k, k, attn_mask=mask, is_causal=mask is None,
+                                           scale=mla.softmax_scale)[0, ..., :C]
+        return torch.bmm(o, w_uv.transpose(1, 2)).transpose(0, 1).reshape(length, -1)  # (L, H*V)

@@ -38,6 +38,8 @@ class LatentCache:
         self._free_blocks = list(range(n_blocks - 1, -1, -1))
         self._free_rows = list(range(max_seqs - 1, -1, -1))
         self._row_blocks: dict[int, list[int]] = {}
+        self._arange = torch.arange(0, device=device)
+        self._workspace = torch.empty(0, block_size, latent_dim + rope_dim, dtype=dtype, device=device)
 
     # ------------------------------------------------------------ sizes
 
@@ -100,6 +102,25 @@ class LatentCache:
         self.block_table[row, len(have):len(have) + need] = torch.tensor(new, dtype=torch.long)
         have.extend(new)
         return True
+
+    def gather(self, layer: int, table: torch.Tensor) -> torch.Tensor:
+        """Copy the blocks `table` (n, W') of one layer into a reused buffer -> (n, W' * P, C + R).
+
+        The buffer outlives the call (and is overwritten by the next one): a fresh tensor this size
+        is a fresh mmap, and its page faults cost more than the copy itself (measured 4x at 42 MB).
+        """
+        n_blocks = table.numel()
+        if self._workspace.shape[0] < n_blocks:
+            self._workspace = torch.empty(n_blocks, *self.pool.shape[2:], dtype=self.pool.dtype, device=self.pool.device)
+        out = self._workspace[:n_blocks]
+        torch.index_select(self.pool[layer], 0, table.flatten(), out=out)
+        return out.view(table.shape[0], -1, self.pool.shape[-1])
+
+    def arange(self, n: int) -> torch.Tensor:
+        """0..n-1 as int64, sliced from one cached tensor: masks are rebuilt every step."""
+        if self._arange.numel() < n:
+            self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.pool.device)
+        return self._arange[:n]
 
     def check(self):
         """Internal invariant: every block is either free or owned by exactly one row."""

@@ -92,7 +92,6 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams],
                    penalties: Penalties | None = None) -> torch.Tensor:
     """Raw logits (M,V) -> processed fp32 logits, truncated tokens at -inf. Greedy rows get penalties only."""
     x = logits.float().clone()
-    M = x.shape[0]
     if penalties is not None:
         rep = torch.tensor([p.repetition_penalty for p in params])[:, None]
         freq = torch.tensor([p.frequency_penalty for p in params])[:, None]
@@ -100,8 +99,7 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams],
         # Repetition penalty (Keskar et al. 2019, CTRL): shrink seen logits towards zero.
         x = torch.where(penalties.seen, torch.where(x > 0, x / rep, x * rep), x)
         x = x - freq * penalties.counts - pres * (penalties.counts > 0).float()
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if not sampled:
+    if all(p.greedy for p in params):
         return x
     temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params])[:, None]
     x = x / temp
@@ -126,7 +124,6 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams],
         probs = x.softmax(dim=-1)
         floor = torch.tensor(min_p)[:, None] * probs.max(dim=-1, keepdim=True).values
         x = x.masked_fill(probs < floor, float("-inf"))
-    assert x.shape[0] == M
     return x
 
 
@@ -166,25 +163,44 @@ def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int = 0):
     return chosen, top
 
 
-def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_accept: torch.Tensor,
-                  u_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
+def make_penalties(seqs: list, extras: list[list[int]], vocab_size: int) -> Penalties | None:
+    """Penalty statistics for rows of `seqs` whose history is extended by `extras` (drafts), or None."""
+    if not any(seq.params.penalised for seq in seqs):
+        return None
+    counts = torch.zeros(len(seqs), vocab_size)
+    seen = torch.zeros(len(seqs), vocab_size, dtype=torch.bool)
+    for i, (seq, extra) in enumerate(zip(seqs, extras)):
+        if seq.counts is None:
+            continue
+        counts[i] = seq.counts
+        seen[i] = seq.seen
+        if extra:
+            t = torch.tensor(extra)
+            counts[i].index_add_(0, t, torch.ones(len(extra)))
+            seen[i, t] = True
+    return Penalties(counts=counts, seen=seen)
 
-    p (M,K+1,V) target distributions, q (M,K,V) draft distributions, drafts (M,K) drawn from q,
-    u_accept (M,K), u_sample (M,). Draft j is kept while u < p(x)/q(x); at the first rejection the
-    token is drawn from normalise(max(0, p - q)), and if all K survive a bonus token comes from p[K].
-    The output tokens are distributed exactly as p. Returns (n_accepted (M,), next_token (M,)).
-    """
-    M, K = drafts.shape
-    px = p[:, :K].gather(2, drafts[..., None]).squeeze(-1)
-    qx = q.gather(2, drafts[..., None]).squeeze(-1)
-    # u < p/q written as u*q < p: no division, and q(x) > 0 for a drawn draft.
-    ok = u_accept * qx < px
-    n_acc = ok.int().cumprod(dim=1).sum(dim=1)  # length of the accepted prefix
-    rows = torch.arange(M)
-    target = p[rows, n_acc]  # (M,V) p at the first rejected position (or the bonus position)
-    residual = torch.where((n_acc < K)[:, None], (target - q[rows, n_acc.clamp_max(K - 1)]).clamp_min(0), target)
-    # p == q makes rejection impossible, but rounding can still leave an all-zero residual: use p.
-    empty = residual.sum(-1) <= 0
-    residual = torch.where(empty[:, None], target, residual)
-    return n_acc, sample_from(residual, u_sample)
+
+def target_probs(logits: torch.Tensor, params: list[SamplingParams], penalties: Penalties | None) -> torch.Tensor:
+    """The processed distribution (M,V) each row's token is drawn from."""
+    return distribution(process_logits(logits, params, penalties), params)
+
+
+def draw(probs: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row; greedy rows are one-hot and consume no randomness."""
+    u = torch.full((len(params),), 0.5)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        u[rows] = draw_uniforms([generators[i] for i in rows]).squeeze(1)
+    return sample_from(probs, u)
+
+
+def sample_tokens(logits: torch.Tensor, seqs: list, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of `logits` (M,V) for `seqs`, and its log-probability under the processed distribution."""
+    params = [s.params for s in seqs]
+    penalties = make_penalties(seqs, [[]] * len(seqs), vocab_size)
+    if penalties is None and all(p.greedy for p in params):  # the common greedy batch: argmax, nothing else
+        return logits.argmax(dim=-1), torch.zeros(len(seqs))
+    probs = target_probs(logits, params, penalties)
+    tok = draw(probs, params, [s.generator for s in seqs])
+    return tok, probs.gather(1, tok[:, None]).squeeze(1).log()

@@ -1,0 +1,148 @@
+"""Continuous batching: which sequences run in the next forward, and how many of their tokens.
+
+A sequence is its token list (prompt, then generated tokens) plus `num_cached`, the positions
+already in the latent cache. Every step must feed tokens[num_cached:] to the model, and the step
+that feeds the last of them samples the next token. Decode is the case of one remaining token
+(plus the MTP drafts being verified); prefill is the case of many, fed in chunks that fit the
+step's token budget (chunked prefill, Agrawal et al. 2024 "Sarathi-Serve"), so a long prompt
+never stalls the running decodes for more than one bounded step.
+
+Policy, per step, within `max_batch_tokens`:
+1. every decode sequence, oldest first; if its next block cannot be found, the youngest running
+   sequence is preempted (blocks freed, sent back to the front of the queue to be recomputed);
+2. the unfinished prefills of running sequences, oldest first;
+3. waiting sequences, first come first served, admitted only when free blocks cover their whole
+   prompt (reserved at admission, so a prefill never waits for memory half-way).
+The oldest sequence therefore always progresses; an engine checks at submission that every
+request fits the cache on its own, so nothing can wait forever.
+Left out: priorities and fairness between tenants; swapping preempted latents to host memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from seekling.inference.kv_cache import LatentCache
+from seekling.inference.sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state: its tokens, its place in the cache, its sampler and its outputs so far."""
+
+    request_id: str
+    tokens: list[int]
+    prompt_len: int
+    params: SamplingParams
+    generator: torch.Generator
+    on_token: Callable | None = None
+    row: int | None = None  # block-table row while running
+    num_cached: int = 0
+    drafts: list[int] = field(default_factory=list)  # MTP draft tokens awaiting verification
+    draft_probs: torch.Tensor | None = None  # (k, V) the distributions they were drawn from
+    mtp_frontier: int = 0  # MTP cache entries below this position are final
+    hidden_tail: torch.Tensor | None = None  # main hidden states for [mtp_frontier, num_cached)
+    counts: torch.Tensor | None = None  # (V,) generated-token counts, for frequency/presence penalties
+    seen: torch.Tensor | None = None  # (V,) prompt-or-generated mask, for the repetition penalty
+    logprobs: list[float] = field(default_factory=list)
+    sampled_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[tuple] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str | None = None
+    n_drafted: int = 0
+    n_accepted: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.tokens) - self.num_cached
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def forget_cache(self):
+        """After preemption: everything cached is gone and will be recomputed from the tokens."""
+        self.row, self.num_cached, self.drafts, self.draft_probs = None, 0, [], None
+        self.mtp_frontier, self.hidden_tail = 0, None
+
+
+class Scheduler:
+    def __init__(self, cache: LatentCache, *, max_batch_tokens: int):
+        self.cache = cache
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: oldest first
+        self.n_preemptions = 0
+
+    def add(self, seq: Sequence):
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence):
+        """Drop a finished or cancelled sequence and return its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.cache.close_row(seq.row)
+            seq.row = None
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def _preempt(self, seq: Sequence):
+        self.running.remove(seq)
+        self.cache.close_row(seq.row)
+        seq.forget_cache()
+        self.waiting.appendleft(seq)
+        self.n_preemptions += 1
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The next forward's work: (sequence, tokens to feed), decodes first. Never over budget."""
+        budget = self.max_batch_tokens
+        work: list[tuple[Sequence, int]] = []
+        scheduled: set[int] = set()
+        for seq in [s for s in self.running if s.remaining == 1]:
+            if seq not in self.running:  # preempted by an older sequence in this loop
+                continue
+            n = 1 + len(seq.drafts)
+            while not self.cache.reserve(seq.row, seq.num_cached + n):
+                victim = next(s for s in reversed(self.running) if id(s) not in scheduled)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.row is None:
+                continue
+            work.append((seq, n))
+            scheduled.add(id(seq))
+            budget -= n
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.remaining > 1:
+                n = min(seq.remaining, budget)
+                work.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and self.cache.num_free_rows:
+            seq = self.waiting[0]
+            row = self.cache.open_row()
+            # Reserve the whole prompt, plus the position of the first sampled token.
+            if not self.cache.reserve(row, len(seq.tokens) + 1):
+                self.cache.close_row(row)
+                break
+            self.waiting.popleft()
+            seq.row = row
+            self.running.append(seq)
+            n = min(seq.remaining, budget)
+            work.append((seq, n))
+            budget -= n
+        assert budget >= 0
+        return work

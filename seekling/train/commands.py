@@ -1,0 +1,52 @@
+"""One function per training command, taking plain arguments, for `seekling/cli.py` to call.
+
+Each builds the config and calls the one function that does the work (trainer.train / resume,
+demo.run_demo, plots.plot_run); None means "the preset's default". Errors a user can cause
+come out as ValueError / FileNotFoundError with a sentence saying what to change.
+"""
+
+from __future__ import annotations
+
+from seekling.train.config import train_preset
+
+
+def train_command(preset: str = "tiny", *, out_dir: str | None = None, data: str | None = None,
+                  max_steps: int | None = None, token_budget: int | None = None, batch_size: int | None = None,
+                  seq_len: int | None = None, grad_accum: int | None = None, lr: float | None = None,
+                  schedule: str | None = None, warmup_steps: int | None = None, dtype: str = "auto",
+                  compile: bool = False, seed: int | None = None, eval_every: int | None = None,
+                  ckpt_every: int | None = None, mtp_lambda: float | None = None, seq_aux_alpha: float | None = None,
+                  bias_update_gamma: float | None = None, time_limit_s: float | None = None) -> dict:
+    """`seekling train`: a new run of a preset with its training defaults, any of them overridden."""
+    from seekling.train.trainer import train
+
+    cfg = train_preset(preset, out_dir=out_dir, data=data, max_steps=max_steps, token_budget=token_budget,
+                       batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr, schedule=schedule,
+                       warmup_steps=warmup_steps, dtype=dtype, compile=compile, seed=seed, eval_every=eval_every,
+                       ckpt_every=ckpt_every, mtp_lambda=mtp_lambda, seq_aux_alpha=seq_aux_alpha,
+                       bias_update_gamma=bias_update_gamma, time_limit_s=time_limit_s)
+    return train(cfg)
+
+
+def resume_command(run_dir: str) -> dict:
+    """`seekling resume RUN_DIR`: continue a run from its newest complete checkpoint."""
+    from seekling.train.trainer import resume
+
+    return resume(run_dir)
+
+
+def demo_command(out_dir: str = "runs/demo", time_budget_s: float = 450.0, prompt: str = "ROMEO:") -> dict:
+    """`seekling demo`: tiny model, embedded corpus, ~7.5 minutes, samples, plots, next steps."""
+    from seekling.train.demo import run_demo
+
+    return run_demo(out_dir, time_budget_s=time_budget_s, prompt=prompt)
+
+
+def plot_command(run_dir: str) -> list[str]:
+    """`seekling plot RUN_DIR`: (re)draw a run's PNGs from its metrics.jsonl; returns their paths."""
+    from seekling.train.plots import plot_run
+
+    paths = plot_run(run_dir)
+    for p in paths:
+        print(p)
+    return [str(p) for p in paths]

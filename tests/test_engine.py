@@ -1,0 +1,332 @@
+"""The inference engine against slow references: naive attention, full re-forward greedy decoding."""
+
+import pytest
+import torch
+
+from seekling.config import ModelConfig
+from seekling.inference import Engine, EngineConfig, SamplingParams
+from seekling.inference.attention import CacheBatch
+from seekling.inference.kv_cache import LatentCache
+from seekling.model.transformer import Transformer
+
+SMALL = dict(vocab_size=97, dim=64, n_layers=3, n_dense_layers=1, inter_dim=96, n_heads=4, kv_lora_rank=24,
+             qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, moe_inter_dim=16, n_routed_experts=8,
+             n_activated_experts=3, max_seq_len=512, n_mtp_layers=1)
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def tiny_model(seed: int = 0, **changes) -> Transformer:
+    """A small model with spread-out logits (std-0.08 weights, uneven norms), so ties are rare."""
+    model = Transformer(ModelConfig(**(SMALL | changes))).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g) if "norm" in name else 0.08 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt, n) -> list[int]:
+    """The obvious decoder: re-run the whole sequence every step and take the argmax."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def prompts(n, lo=3, hi=40, seed=0, vocab=97):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Dim-64 matmuls gain nothing from a second thread, and on a shared 2-core machine OpenMP
+    # barriers then wait on other processes (measured: the same test 1.4 s alone, 12 s contended).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- cache and attention
+
+def test_latent_cache_holds_exactly_the_latent(model):
+    cfg = model.cfg
+    eng = Engine(model, EngineConfig(kv_cache_tokens=256, block_size=16))
+    assert eng.cache.bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.n_layers * 4
+    assert eng.cache.pool.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    spec = Engine(model, EngineConfig(kv_cache_tokens=256, speculative_tokens=2))
+    assert spec.cache.bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * (cfg.n_layers + 2) * 4
+    by_bytes = Engine(model, EngineConfig(kv_cache_bytes=eng.cache.bytes_per_token * 16 * 10, block_size=16))
+    assert by_bytes.cache.n_blocks == 10
+
+
+def test_block_allocator_all_or_nothing_and_no_leak():
+    cache = LatentCache(n_layers=1, n_blocks=5, block_size=4, latent_dim=2, rope_dim=2, max_seqs=3, max_blocks_per_seq=8)
+    a, b = cache.open_row(), cache.open_row()
+    assert cache.reserve(a, 9) and cache.num_used_blocks == 3
+    assert not cache.reserve(b, 12) and cache.num_used_blocks == 3  # needs 3, only 2 free: takes none
+    assert cache.reserve(b, 8) and cache.num_free_blocks == 0
+    assert cache.block_table[a, :3].tolist() != cache.block_table[b, :2].tolist()
+    cache.check()
+    cache.close_row(a)
+    assert cache.num_free_blocks == 3 and cache.num_free_rows == 2
+    cache.close_row(b)
+    assert cache.num_used_blocks == 0
+    cache.check()
+
+
+def _run_cached(model, ids, chunks, mode, prefill="absorbed", block_size=4):
+    cfg = model.cfg
+    cache = LatentCache(n_layers=cfg.n_layers, n_blocks=64, block_size=block_size, latent_dim=cfg.kv_lora_rank,
+                        rope_dim=cfg.qk_rope_head_dim, max_seqs=2, max_blocks_per_seq=64)
+    row = cache.open_row()
+    assert cache.reserve(row, len(ids))
+    out, pos = [], 0
+    for n in chunks:
+        batch = CacheBatch(cache, [row], [pos], [n], n_heads=cfg.n_heads, mode=mode, prefill=prefill)
+        out.append(model(torch.tensor([ids[pos:pos + n]]), batch.positions[None], cache=batch)[0])
+        pos += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("prefill", ["absorbed", "naive"])
+@torch.no_grad()
+def test_chunked_prefill_matches_full_forward(model, prefill):
+    ids = prompts(1, 60, 61)[0]
+    full = model(torch.tensor([ids]))[0]
+    for chunks in ([60], [7, 1, 13, 30, 9], [1] * 10 + [50]):
+        got = _run_cached(model, ids, chunks, "absorbed", prefill)
+        assert (got - full).abs().max() < 1e-4, chunks
+
+
+@torch.no_grad()
+def test_absorbed_decode_matches_naive_over_200_tokens(model):
+    """Absorbed attention (W_UK into the query, W_UV after) against expanding K/V every step."""
+    cfg = model.cfg
+    caches = {m: LatentCache(n_layers=cfg.n_layers, n_blocks=70, block_size=4, latent_dim=cfg.kv_lora_rank,
+                             rope_dim=cfg.qk_rope_head_dim, max_seqs=1, max_blocks_per_seq=70) for m in ("absorbed", "naive")}
+    rows = {m: c.open_row() for m, c in caches.items()}
+    ids, worst = prompts(1, 8, 9)[0], 0.0
+    for step in range(201):
+        start, n = (0, len(ids)) if step == 0 else (len(ids) - 1, 1)
+        logits = {}
+        for m, c in caches.items():
+            assert c.reserve(rows[m], len(ids))
+            batch = CacheBatch(c, [rows[m]], [start], [n], n_heads=cfg.n_heads, mode=m)
+            logits[m] = model(torch.tensor([ids[start:]]), batch.positions[None], cache=batch)[0, -1]
+        worst = max(worst, (logits["absorbed"] - logits["naive"]).abs().max().item())
+        assert logits["absorbed"].argmax() == logits["naive"].argmax(), step
+        ids.append(int(logits["absorbed"].argmax()))
+    assert worst < 1e-4
+    full = model(torch.tensor([ids[:-1]]))[0, -1]
+    assert (full - logits["absorbed"]).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_batched_decode_of_unequal_segments_matches_full_forward(model):
+    """The padded short-segment path: three sequences feeding 3, 1 and 5 tokens at different offsets."""
+    cfg = model.cfg
+    cache = LatentCache(n_layers=cfg.n_layers, n_blocks=64, block_size=4, latent_dim=cfg.kv_lora_rank,
+                        rope_dim=cfg.qk_rope_head_dim, max_seqs=3, max_blocks_per_seq=16)
+    seqs = prompts(3, 30, 31)
+    rows = [cache.open_row() for _ in seqs]
+    for r in rows:
+        cache.reserve(r, 30)
+    first = [20, 22, 25]
+    batch = CacheBatch(cache, rows, [0] * 3, first, n_heads=cfg.n_heads)
+    model(torch.tensor([sum((s[:f] for s, f in zip(seqs, first)), [])]), batch.positions[None], cache=batch)
+    lens = [3, 1, 5]
+    batch = CacheBatch(cache, rows, first, lens, n_heads=cfg.n_heads)
+    assert batch.short is not None and batch.short["gather"] is not None and not batch.long
+    feed = sum((s[f:f + n] for s, f, n in zip(seqs, first, lens)), [])
+    got = model(torch.tensor([feed]), batch.positions[None], cache=batch)[0]
+    want = torch.cat([model(torch.tensor([s]))[0, f:f + n] for s, f, n in zip(seqs, first, lens)])
+    assert (got - want).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------- engine vs the reference decoder
+
+@pytest.mark.parametrize("attention", ["absorbed", "naive"])
+def test_engine_greedy_matches_reference(model, attention):
+    ps = prompts(5)
+    eng = Engine(model, EngineConfig(block_size=8, max_batch_tokens=32, max_seqs=8, kv_cache_tokens=2048,
+                                     attention=attention))
+    outs = eng.generate(ps, GREEDY)
+    for p, o in zip(ps, outs):
+        assert o.output_ids == reference_greedy(model, p, GREEDY.max_tokens)
+        assert o.finish_reason == "length" and len(o.logprobs) == GREEDY.max_tokens
+    assert eng.cache.num_used_blocks == 0
+    eng.cache.check()
+
+
+def test_requests_join_and_leave_between_steps(model):
+    ps = prompts(4, seed=1)
+    eng = Engine(model, EngineConfig(block_size=4, max_batch_tokens=16, max_seqs=4, kv_cache_tokens=1024))
+    lengths = [5, 12, 3, 9]
+    rids = [eng.add_request(ps[0], SamplingParams(temperature=0, max_tokens=lengths[0], ignore_eos=True))]
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+        if steps in (2, 4, 5):  # join while others are mid-prefill or decoding
+            i = len(rids)
+            rids.append(eng.add_request(ps[i], SamplingParams(temperature=0, max_tokens=lengths[i], ignore_eos=True)))
+    assert len(rids) == 4
+    for p, n, rid in zip(ps, lengths, rids):
+        assert eng.output(rid).output_ids == reference_greedy(model, p, n)
+    assert eng.cache.num_used_blocks == 0
+
+
+def test_cancel_frees_blocks(model):
+    eng = Engine(model, EngineConfig(block_size=4, max_batch_tokens=8, max_seqs=2, kv_cache_tokens=512))
+    ps = prompts(3, 10, 20)
+    rids = [eng.add_request(p, GREEDY) for p in ps]
+    eng.step()
+    eng.step()
+    assert eng.cache.num_used_blocks > 0 and len(eng.scheduler.waiting) == 1
+    assert eng.cancel(rids[0]) and eng.cancel(rids[2])  # one running, one still queued
+    assert not eng.cancel(rids[0]) and not eng.cancel("nope")
+    assert eng.output(rids[0]).finish_reason == "cancelled"
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.output(rids[1]).output_ids == reference_greedy(model, ps[1], GREEDY.max_tokens)
+    assert not eng.cancel(rids[1])  # already finished
+    assert eng.cache.num_used_blocks == 0 and eng.cache.num_free_rows == 2
+    eng.cache.check()
+
+
+def test_request_that_can_never_fit_is_refused(model):
+    eng = Engine(model, EngineConfig(block_size=8, kv_cache_tokens=64, max_seqs=2, max_batch_tokens=8))
+    with pytest.raises(ValueError, match="can never fit"):
+        eng.add_request([1] * 40, SamplingParams(max_tokens=30))
+    eng.add_request([1] * 40, SamplingParams(max_tokens=20))  # 61 positions: fits alone
+    with pytest.raises(ValueError, match="max_seq_len"):
+        eng.add_request([1] * 512)
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request([])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.add_request([5, 97])
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request([1], SamplingParams(max_tokens=4), request_id="req-0")
+
+
+def test_full_cache_queues_and_preempts_without_changing_outputs(model):
+    """A cache for about two sequences, five requests: queueing and recompute-preemption are exact."""
+    ps = prompts(5, 10, 20, seed=3)
+    params = [GREEDY, SamplingParams(temperature=0.9, top_k=30, seed=11, max_tokens=24, ignore_eos=True)] * 2 + [GREEDY]
+    roomy = Engine(model, EngineConfig(block_size=4, max_batch_tokens=64, max_seqs=8, kv_cache_tokens=2048))
+    want = [o.output_ids for o in roomy.generate(ps, params)]
+    tight = Engine(model, EngineConfig(block_size=4, max_batch_tokens=16, max_seqs=4, kv_cache_tokens=88))
+    rids = [tight.add_request(p, sp) for p, sp in zip(ps, params)]
+    queued = 0
+    while tight.has_unfinished():
+        tight.step()
+        queued = max(queued, len(tight.scheduler.waiting))
+        tight.cache.check()
+    assert queued > 0 and tight.scheduler.n_preemptions > 0
+    assert [tight.output(r).output_ids for r in rids] == want
+    assert tight.cache.num_used_blocks == 0
+
+
+# ---------------------------------------------------------------- requests: seeds, stops, logprobs, streaming
+
+def test_seeded_sampling_ignores_batch_mates(model):
+    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True)
+    p = prompts(1, seed=5)[0]
+    alone = Engine(model, EngineConfig(kv_cache_tokens=1024)).generate([p], sp)[0].output_ids
+    others = prompts(3, seed=6)
+    crowd = Engine(model, EngineConfig(kv_cache_tokens=2048, max_batch_tokens=64)).generate(
+        others[:2] + [p] + others[2:], [SamplingParams(temperature=1.0, seed=i, max_tokens=12, ignore_eos=True) for i in range(2)]
+        + [sp] + [SamplingParams(temperature=0.5, max_tokens=30, ignore_eos=True)])[2].output_ids
+    assert alone == crowd
+    other_seed = Engine(model, EngineConfig(kv_cache_tokens=1024)).generate(
+        [p], SamplingParams(temperature=1.0, top_p=0.9, seed=8, max_tokens=20, ignore_eos=True))[0].output_ids
+    assert other_seed != alone
+
+
+def test_stop_tokens_eos_and_max_tokens(model):
+    p = prompts(1, seed=9)[0]
+    ref = reference_greedy(model, p, 24)
+    eng = Engine(model, EngineConfig(kv_cache_tokens=1024))
+    out = eng.generate([p], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[ref[4]], ignore_eos=True))[0]
+    cut = ref.index(ref[4])
+    assert out.output_ids == ref[:cut + 1] and out.finish_reason == "stop" and out.stop_reason == ref[4]
+    eos_model = tiny_model()
+    eos_model.cfg = eos_model.cfg.replace(eos_token_id=ref[6])
+    out = Engine(eos_model, EngineConfig(kv_cache_tokens=1024)).generate([p], SamplingParams(temperature=0, max_tokens=24))[0]
+    assert out.output_ids == ref[:ref.index(ref[6]) + 1] and out.finish_reason == "stop"
+    out = eng.generate([p], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    assert out.output_ids == ref[:5] and out.finish_reason == "length"
+
+
+def test_stop_strings_cut_the_text(model):
+    def decode(ids):  # a toy detokenizer: two letters per token
+        return "".join(chr(97 + t % 26) + chr(97 + t // 26) for t in ids)
+
+    p = prompts(1, seed=9)[0]
+    ref = reference_greedy(model, p, 24)
+    stop = decode(ref[5:7])[1:]  # straddles a token boundary
+    eng = Engine(model, EngineConfig(kv_cache_tokens=1024), decode=decode)
+    out = eng.generate([p], SamplingParams(temperature=0, max_tokens=24, stop=[stop], ignore_eos=True))[0]
+    full = decode(ref)
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full[:full.find(stop)]
+    assert out.output_ids == ref[:7]
+    with pytest.raises(ValueError, match="decode"):
+        Engine(model, EngineConfig(kv_cache_tokens=1024)).add_request(p, SamplingParams(stop=["x"]))
+
+
+@torch.no_grad()
+def test_logprobs_match_a_full_forward(model):
+    sp = SamplingParams(temperature=0.7, top_k=20, seed=3, max_tokens=16, logprobs=5, ignore_eos=True)
+    p = prompts(1, seed=4)[0]
+    out = Engine(model, EngineConfig(kv_cache_tokens=1024, max_seqs=2, max_batch_tokens=8)).generate([p], sp)[0]
+    logits = model(torch.tensor([p + out.output_ids]))[0, len(p) - 1:-1]
+    logp = torch.log_softmax(logits.float(), -1)
+    toks = torch.tensor(out.output_ids)
+    assert torch.allclose(torch.tensor(out.logprobs), logp.gather(1, toks[:, None])[:, 0], atol=1e-4)
+    kth = logits.topk(20, -1).values[:, -1:]
+    processed = torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")) / 0.7, -1)
+    assert torch.allclose(torch.tensor(out.sampled_logprobs), processed.gather(1, toks[:, None])[:, 0], atol=1e-4)
+    for t, alts in enumerate(out.top_logprobs):
+        top = logp[t].topk(5)
+        assert [a for a, _ in alts] == top.indices.tolist()
+        assert torch.allclose(torch.tensor([v for _, v in alts]), top.values, atol=1e-4)
+
+
+def test_stream_and_callback_agree_with_generate(model):
+    p = prompts(1, seed=2)[0]
+    eng = Engine(model, EngineConfig(kv_cache_tokens=1024))
+    seen = []
+    want = eng.generate([p], GREEDY, on_token=seen.append)[0]
+    events = list(eng.stream(p, GREEDY))
+    assert [e.token_id for e in events] == want.output_ids == [e.token_id for e in seen]
+    assert [e.index for e in events] == list(range(len(events)))
+    assert events[-1].finish_reason == "length" and all(e.finish_reason is None for e in events[:-1])
+    it = eng.stream(p, GREEDY)
+    next(it)
+    it.close()  # a client going away cancels its request
+    assert eng.cache.num_used_blocks == 0 and not eng.has_unfinished()
+
+
+def test_engine_config_is_validated(model):
+    with pytest.raises(ValueError, match="EngineConfig.block_size"):
+        EngineConfig(block_size=0)
+    with pytest.raises(ValueError, match="EngineConfig.max_batch_tokens"):
+        EngineConfig(max_seqs=64, max_batch_tokens=32)
+    with pytest.raises(ValueError, match="not both"):
+        EngineConfig(kv_cache_tokens=10, kv_cache_bytes=10)
+    with pytest.raises(ValueError, match="EngineConfig.attention"):
+        EngineConfig(attention="flash")
+    with pytest.raises(ValueError, match="no MTP layers"):
+        Engine(tiny_model(n_mtp_layers=0), EngineConfig(speculative_tokens=1))
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        Engine(model, EngineConfig(kv_cache_bytes=100))
