@@ -132,7 +132,7 @@ def worker(spec_json: str):
 
 
 def launch(**job) -> dict | None:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -203,7 +203,7 @@ def main():
                     for _ in range(args.repeats)]
             ours, theirs = best([o for o, _ in runs]), best([t for _, t in runs])
             rows.append((b, ctx, ours, theirs))
-            fmt = lambda r, k, f: (f % r[k]) if r and r.get(k) is not None else "-"  # noqa: E731
+            fmt = lambda r, k, f: (f % r[k]) if r and r.get(k) is not None else "-"
             ratio = f"{ours['tok_s'] / theirs['tok_s']:.2f}x" if ours and theirs else "-"
             print(f"  batch {b:>3} ctx {ctx:>5}: seekling {fmt(ours, 'tok_s', '%.1f')} tok/s "
                   f"({fmt(ours, 'ms_step', '%.1f')} ms/step), transformers {fmt(theirs, 'tok_s', '%.1f')} tok/s "
@@ -212,7 +212,7 @@ def main():
     print("\n| batch | context | seekling tok/s | transformers tok/s | speed-up | seekling peak MB (rise) | transformers peak MB (rise) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for b, ctx, o, t in rows:
-        cell = lambda r: f"{r['peak_mb']:.0f} (+{r['rise_mb']:.0f})" if r else "-"  # noqa: E731
+        cell = lambda r: f"{r['peak_mb']:.0f} (+{r['rise_mb']:.0f})" if r else "-"
         print(f"| {b} | {ctx} | {o['tok_s']:.1f} | " + (f"{t['tok_s']:.1f} | {o['tok_s'] / t['tok_s']:.2f}x" if o and t else "- | -")
               + f" | {cell(o)} | {cell(t)} |")
 

@@ -142,11 +142,11 @@ def test_batched_decode_of_unequal_segments_matches_full_forward(model):
         cache.reserve(r, 30)
     first = [20, 22, 25]
     batch = CacheBatch(cache, rows, [0] * 3, first, n_heads=cfg.n_heads)
-    model(torch.tensor([sum((s[:f] for s, f in zip(seqs, first)), [])]), batch.positions[None], cache=batch)
+    model(torch.tensor([[t for s, f in zip(seqs, first) for t in s[:f]]]), batch.positions[None], cache=batch)
     lens = [3, 1, 5]
     batch = CacheBatch(cache, rows, first, lens, n_heads=cfg.n_heads)
     assert batch.short is not None and batch.short["gather"] is not None and not batch.long
-    feed = sum((s[f:f + n] for s, f, n in zip(seqs, first, lens)), [])
+    feed = [t for s, f, n in zip(seqs, first, lens) for t in s[f:f + n]]
     got = model(torch.tensor([feed]), batch.positions[None], cache=batch)[0]
     want = torch.cat([model(torch.tensor([s]))[0, f:f + n] for s, f, n in zip(seqs, first, lens)])
     assert (got - want).abs().max() < 1e-4
@@ -330,3 +330,13 @@ def test_engine_config_is_validated(model):
         Engine(tiny_model(n_mtp_layers=0), EngineConfig(speculative_tokens=1))
     with pytest.raises(ValueError, match="kv_cache_bytes"):
         Engine(model, EngineConfig(kv_cache_bytes=100))
+
+
+def test_bf16_model_decodes_like_its_reference():
+    """Servers load bf16 on CPUs with native bf16: the cache follows the model dtype, attention math stays fp32."""
+    model = tiny_model().to(torch.bfloat16)
+    ps = prompts(3)
+    eng = Engine(model, EngineConfig(kv_cache_tokens=1024, max_seqs=4, max_batch_tokens=16, speculative_tokens=1))
+    outs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert eng.cache.pool.dtype == torch.bfloat16
+    assert [o.output_ids for o in outs] == [reference_greedy(model, p, 10) for p in ps]

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV3ForCausalLM  # noqa: E402
+from transformers import DeepseekV3ForCausalLM
 
-from seekling.config import ModelConfig  # noqa: E402
-from seekling.inference import Engine, EngineConfig, SamplingParams  # noqa: E402
-from seekling.model.transformer import Transformer  # noqa: E402
+from seekling.config import ModelConfig
+from seekling.inference import Engine, EngineConfig, SamplingParams
+from seekling.model.transformer import Transformer
 
 # eos None: transformers then generates exactly max_new_tokens, as the engine does.
 CFG = dict(vocab_size=97, dim=64, n_layers=3, n_dense_layers=1, inter_dim=96, n_heads=4, kv_lora_rank=24,

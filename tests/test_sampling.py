@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from seekling.inference.sampling import (Penalties, SamplingParams, distribution, draw, process_logits,
-                                         raw_logprobs, sample_from)
+from seekling.inference.sampling import (
+    Penalties,
+    SamplingParams,
+    distribution,
+    draw,
+    process_logits,
+    raw_logprobs,
+    sample_from,
+)
 
 NEG = float("-inf")
 
@@ -72,7 +79,7 @@ def test_process_logits_matches_per_row_reference():
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
     logits = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]])
-    kept = lambda top_p: (~torch.isinf(process_logits(logits, [SamplingParams(top_p=top_p)]))).sum().item()  # noqa: E731
+    kept = lambda top_p: (~torch.isinf(process_logits(logits, [SamplingParams(top_p=top_p)]))).sum().item()
     assert kept(0.5) == 1 and kept(0.51) == 2 and kept(0.8) == 2 and kept(0.81) == 3 and kept(1.0) == 3
 
 
@@ -104,7 +111,7 @@ def test_per_row_generators_make_rows_independent_of_batch_mates():
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(3))
     params = [SamplingParams(temperature=1.0)] * 4
     probs = distribution(process_logits(logits, params), params)
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (10, 11, 12, 13)]  # noqa: E731
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (10, 11, 12, 13)]
     together = draw(probs, params, gens())
     alone = torch.cat([draw(probs[i:i + 1], params[:1], [g]) for i, g in enumerate(gens())])
     assert torch.equal(together, alone)

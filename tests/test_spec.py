@@ -35,7 +35,7 @@ def tiny_model(seed=0, context=None, **changes) -> Transformer:
             for blk in model.layers:
                 blk.attn.wo.weight.mul_(context)
                 for name, p in blk.ffn.named_parameters():
-                    if name.endswith("w2") or name.endswith("w2.weight"):
+                    if name.endswith(("w2", "w2.weight")):
                         p.mul_(context)
             D = model.cfg.dim
             for mtp in model.mtp:
@@ -44,7 +44,7 @@ def tiny_model(seed=0, context=None, **changes) -> Transformer:
                 mtp.norm.weight.copy_(model.norm.weight)
                 mtp.block.attn.wo.weight.zero_()
                 for name, p in mtp.block.ffn.named_parameters():
-                    if name.endswith("w2") or name.endswith("w2.weight"):
+                    if name.endswith(("w2", "w2.weight")):
                         p.zero_()
     return model
 
@@ -90,7 +90,7 @@ def test_accept_drafts_emits_the_target_distribution():
 
 def test_accept_drafts_with_one_hot_rows_is_greedy_verification():
     V = 4
-    onehot = lambda ids: torch.nn.functional.one_hot(torch.tensor(ids), V).float()  # noqa: E731
+    onehot = lambda ids: torch.nn.functional.one_hot(torch.tensor(ids), V).float()
     p = onehot([[2, 3, 1], [2, 0, 1]])
     q = onehot([[2, 3], [2, 3]])
     n_acc, nxt = accept_drafts(p, q, torch.tensor([[2, 3], [2, 3]]), torch.full((2, 2), 0.99), torch.full((2,), 0.5))

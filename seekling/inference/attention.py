@@ -43,19 +43,24 @@ from seekling.inference.kv_cache import LatentCache
 
 def absorbed_attention(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, keys: torch.Tensor,
                        bias: torch.Tensor) -> torch.Tensor:
-    """q_nope (n,L,H,N_d), q_pe (n,L,H,R), keys (n,S,D), bias (n, 1 or L*H, S) additive -> (n,L,H,V)."""
+    """q_nope (n,L,H,N_d), q_pe (n,L,H,R), keys (n,S,D), bias (n, 1 or L*H, S) additive -> (n,L,H,V).
+
+    Scores, softmax and the latent-space output are fp32 whatever the model dtype (a no-op for fp32
+    models): a bf16 softmax over thousands of positions loses the small weights.
+    """
     n, L, H, _ = q_nope.shape
     w_uk, w_uv = mla.absorbed_weights()  # (H,N_d,C), (H,V,C)
     C = w_uk.shape[-1]
     # (H, n*L, N_d) @ (H, N_d, C): one batched matmul over heads moves every query into latent space.
     q_lat = torch.bmm(q_nope.reshape(n * L, H, -1).transpose(0, 1), w_uk).transpose(0, 1)
-    q = torch.cat((q_lat, q_pe.reshape(n * L, H, -1).to(q_lat.dtype)), dim=-1).view(n, L * H, -1)
+    q = torch.cat((q_lat.float(), q_pe.reshape(n * L, H, -1).float()), dim=-1).view(n, L * H, -1)
+    keys = keys.float()
     scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=mla.softmax_scale)  # (n, L*H, S)
     probs = scores.softmax(dim=-1)
     # Multiply by the whole entry and drop the rope columns after: cheaper than copying keys[..., :C].
     o = torch.bmm(probs, keys)[..., :C]  # (n, L*H, C)
-    out = torch.bmm(o.reshape(n * L, H, C).transpose(0, 1), w_uv.transpose(1, 2))  # (H, n*L, V)
-    return out.transpose(0, 1).reshape(n, L, H, -1)
+    out = torch.bmm(o.reshape(n * L, H, C).transpose(0, 1), w_uv.float().transpose(1, 2))  # (H, n*L, V)
+    return out.transpose(0, 1).reshape(n, L, H, -1).to(q_nope.dtype)
 
 
 class CacheBatch:

@@ -12,9 +12,9 @@ Left out: the MTP layers' routing (they run only while drafting) and batches of 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -40,7 +40,7 @@ class RouteTable:
 
     def dense_weights(self) -> torch.Tensor:
         """(L, T, E) gating weight of every expert for every token, 0 where not routed."""
-        T, L, K = self.experts.shape
+        T, L, _ = self.experts.shape
         dense = torch.zeros(T, L, self.n_experts)
         dense.scatter_(2, self.experts, self.weights)
         return dense.transpose(0, 1)

@@ -21,8 +21,8 @@ Left out: priorities and fairness between tenants; swapping preempted latents to
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -43,7 +43,7 @@ class Sequence:
     row: int | None = None  # block-table row while running
     num_cached: int = 0
     drafts: list[int] = field(default_factory=list)  # MTP draft tokens awaiting verification
-    draft_probs: torch.Tensor | None = None  # (k, V) the distributions they were drawn from
+    draft_probs: torch.Tensor | None = None  # (k, V) the distributions they were drawn from; None if greedy
     mtp_frontier: int = 0  # MTP cache entries below this position are final
     hidden_tail: torch.Tensor | None = None  # main hidden states for [mtp_frontier, num_cached)
     counts: torch.Tensor | None = None  # (V,) generated-token counts, for frequency/presence penalties

@@ -26,10 +26,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from seekling.inference.attention import CacheBatch
 from seekling.inference.kv_cache import LatentCache
-from seekling.inference.sampling import draw, draw_uniforms, make_penalties, sample_from, target_probs
+from seekling.inference.sampling import (
+    draw,
+    draw_uniforms,
+    make_penalties,
+    sample_from,
+    target_probs,
+)
 
 
 def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_accept: torch.Tensor,
@@ -74,7 +81,10 @@ def verify_drafts(logits: torch.Tensor, seqs: list, K: int, vocab_size: int):
     u = draw_uniforms([s.generator for s in seqs], K + 1)
     greedy = torch.tensor([s.params.greedy for s in seqs])
     u = torch.where(greedy[:, None], 0.5, u)  # one-hot rows give the same answer for any u
-    n_acc, nxt = accept_drafts(p, torch.stack([s.draft_probs for s in seqs]), drafts, u[:, :K], u[:, K])
+    # Greedy drafts were kept without their (one-hot) distributions.
+    q = torch.stack([s.draft_probs if s.draft_probs is not None else
+                     F.one_hot(torch.tensor(s.drafts), p.shape[-1]).to(p.dtype) for s in seqs])
+    n_acc, nxt = accept_drafts(p, q, drafts, u[:, :K], u[:, K])
     tok = torch.cat((drafts, nxt[:, None]), dim=1)
     tok[torch.arange(M), n_acc] = nxt
     return n_acc, tok, p.gather(2, tok[..., None]).squeeze(-1).log()
@@ -138,12 +148,17 @@ class MTPDrafter:
             if not drafting:
                 continue
             seqs = [p.seq for p in drafting]
-            q = target_probs(model.head(h_prev[draft_rows]).float(), [s.params for s in seqs],
-                             make_penalties(seqs, [drafts[id(s)] for s in seqs], cfg.vocab_size))
-            tok = draw(q, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+            logits = model.head(h_prev[draft_rows]).float()
+            penalties = make_penalties(seqs, [drafts[id(s)] for s in seqs], cfg.vocab_size)
+            if penalties is None and all(s.params.greedy for s in seqs):
+                tok = logits.argmax(dim=-1).tolist()  # a greedy draft's q is one-hot: nothing to keep
+            else:
+                q = target_probs(logits, [s.params for s in seqs], penalties)
+                tok = draw(q, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+                for i, s in enumerate(seqs):
+                    probs[id(s)].append(q[i])
             for i, s in enumerate(seqs):
                 drafts[id(s)].append(tok[i])
-                probs[id(s)].append(q[i])
         for p in drafting:
             p.seq.drafts = drafts[id(p.seq)]
-            p.seq.draft_probs = torch.stack(probs[id(p.seq)])
+            p.seq.draft_probs = torch.stack(probs[id(p.seq)]) if probs[id(p.seq)] else None

