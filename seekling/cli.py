@@ -86,6 +86,31 @@ def cmd_inspect(args) -> None:
     run_inspect(args)
 
 
+def cmd_train(args) -> None:
+    from seekling.train.commands import resume_command, train_command
+
+    if args.resume:
+        resume_command(args.resume)
+        return
+    train_command(args.preset, out_dir=args.out, data=args.data, max_steps=args.steps, token_budget=args.tokens,
+                  batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
+                  schedule=args.schedule, warmup_steps=args.warmup, dtype=args.dtype, compile=args.compile,
+                  seed=args.seed, eval_every=args.eval_every, ckpt_every=args.ckpt_every, mtp_lambda=args.mtp_lambda,
+                  seq_aux_alpha=args.seq_aux_alpha, bias_update_gamma=args.bias_gamma, time_limit_s=args.time_limit)
+
+
+def cmd_demo(args) -> None:
+    from seekling.train.commands import demo_command
+
+    demo_command(args.out, time_budget_s=args.minutes * 60)
+
+
+def cmd_plot(args) -> None:
+    from seekling.train.commands import plot_command
+
+    plot_command(args.run)
+
+
 def cmd_serve(args) -> None:
     from seekling.serve import run_server
 
@@ -127,6 +152,40 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--vocab-size", type=int, default=4096)
     tok_train.add_argument("--out", required=True, metavar="DIR", help="where to write tokenizer.json and friends")
     tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    demo = sub.add_parser("demo", help="train the tiny preset on the embedded corpus, with samples and plots")
+    demo.add_argument("--out", default="runs/demo", metavar="DIR")
+    demo.add_argument("--minutes", type=float, default=7.5, help="training time budget (default 7.5)")
+    demo.set_defaults(func=cmd_demo)
+
+    tr = sub.add_parser("train", help="pretrain a preset on the embedded corpus or --data; --resume RUN continues")
+    tr.add_argument("--preset", default="tiny", help="tiny, small, gpu_100m, gpu_1b (default tiny)")
+    tr.add_argument("--resume", metavar="RUN", default=None, help="continue RUN from its last checkpoint, bit-exactly")
+    tr.add_argument("--data", default=None, metavar="PATH", help=".txt/.md/.jsonl file or directory (default: embedded corpus)")
+    tr.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<preset>)")
+    tr.add_argument("--steps", type=int, default=None)
+    tr.add_argument("--tokens", type=int, default=None, help="token budget instead of --steps")
+    tr.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="fix the step count from a measured speed")
+    tr.add_argument("--batch-size", type=int, default=None)
+    tr.add_argument("--seq-len", type=int, default=None)
+    tr.add_argument("--grad-accum", type=int, default=None)
+    tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--schedule", choices=["cosine", "wsd"], default=None)
+    tr.add_argument("--warmup", type=int, default=None, help="warmup steps")
+    tr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bf16 autocast only on CPUs with native bf16, else fp32")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--seed", type=int, default=None)
+    tr.add_argument("--eval-every", type=int, default=None)
+    tr.add_argument("--ckpt-every", type=int, default=None)
+    tr.add_argument("--mtp-lambda", type=float, default=None, help="MTP loss weight (DeepSeek-V3: 0.3)")
+    tr.add_argument("--seq-aux-alpha", type=float, default=None, help="sequence-wise balance loss weight (0 = off)")
+    tr.add_argument("--bias-gamma", type=float, default=None, help="aux-loss-free bias update speed (default 1e-3)")
+    tr.set_defaults(func=cmd_train)
+
+    plot = sub.add_parser("plot", help="draw a run's loss, learning-rate, throughput and expert-load PNGs")
+    plot.add_argument("run", metavar="RUN")
+    plot.set_defaults(func=cmd_plot)
 
     gen = sub.add_parser("generate", help="continue a prompt, streaming to stdout")
     gen.add_argument("--model", required=True, metavar="DIR")
