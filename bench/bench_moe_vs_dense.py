@@ -6,8 +6,10 @@ The dense model keeps everything of `tiny` (attention, embeddings, MTP depth) bu
 a dense SwiGLU MLP, with the width chosen so that the parameters one token activates match the MoE
 model's (shared + top-k routed experts + router). Both train with the same TrainConfig (same
 tokens in the same order, same schedule, same seed) through seekling's trainer; the table shows
-validation loss and bits per byte on the held-out plays, and median training tokens/s. Default
-length: ~10-15 minutes in total on a 2-core laptop CPU.
+validation loss and bits per byte on the held-out plays, the median tokens/s each run logged, and
+tokens/s from a short interleaved timing (A, B, A, B, ... full training steps, median), which a
+busy machine cannot tilt toward whichever model happened to train in a quiet moment.
+Default length: ~10-15 minutes in total on a 2-core laptop CPU.
 """
 
 import argparse
@@ -15,12 +17,20 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from seekling.config import ModelConfig
+from seekling.data.dataset import TrainLoader, prepare_tokens
+from seekling.model.moe import RouterTrace
+from seekling.model.transformer import Transformer
 from seekling.presets import get_preset
 from seekling.stats import model_stats
+from seekling.tokenizer import load_default_tokenizer
+from seekling.train.balance import update_expert_bias
 from seekling.train.config import train_preset
+from seekling.train.optim import build_optimizer
 from seekling.train.state import read_metrics
-from seekling.train.trainer import train
+from seekling.train.trainer import compute_loss, train
 
 
 def dense_twin(moe: ModelConfig) -> ModelConfig:
@@ -33,6 +43,35 @@ def dense_twin(moe: ModelConfig) -> ModelConfig:
 
     width = min(range(8, 8 * moe.inter_dim), key=lambda w: abs(model_stats(dense(w)).active_params - target))
     return dense(width)
+
+
+def interleaved_step_times(tcfgs: dict, rounds: int = 6) -> dict[str, float]:
+    """Median seconds per full training step for each config, timed in alternation after one warm-up."""
+    tok = load_default_tokenizer()
+    any_cfg = next(iter(tcfgs.values()))
+    data = prepare_tokens(any_cfg.data, tok, cache_dir=any_cfg.token_cache_dir).split("train")
+    loader = TrainLoader(data=data, batch_size=any_cfg.batch_size, seq_len=any_cfg.seq_len, seed=0)
+    runs = {}
+    for name, tcfg in tcfgs.items():
+        model = Transformer(tcfg.model_config)
+        model.init_weights(0)
+        runs[name] = (model, build_optimizer(model, tcfg), tcfg)
+    times = {name: [] for name in runs}
+    for r in range(rounds + 1):
+        x, y = loader.batch(r)
+        for name, (model, opt, tcfg) in runs.items():
+            t = time.perf_counter()
+            trace = RouterTrace()
+            loss, _, _ = compute_loss(model, x, y, trace, tcfg)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if trace.layers:
+                update_expert_bias(model, trace.expert_counts(), tcfg.bias_update_gamma)
+            if r:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main():
@@ -57,21 +96,26 @@ def main():
         t = time.perf_counter()
         result = train(tcfg, live=False, plots=False)
         wall = time.perf_counter() - t
+        if result["stopped"]:
+            raise SystemExit(f"{name} run stopped early ({result['stopped']}); no comparison")
         tps = statistics.median(r["tok_per_s"] for r in read_metrics(out)[1:] or read_metrics(out))
         mfu = statistics.median(r["mfu"] for r in read_metrics(out)[1:] or read_metrics(out))
-        results[name] = (cfg, result, tps, mfu, wall)
+        results[name] = (cfg, result, tps, mfu, wall, tcfg)
+
+    print("\ntiming both models in alternation ...", flush=True)
+    step_s = interleaved_step_times({name: r[5] for name, r in results.items()})
 
     tokens = args.steps * args.batch * args.seq
     print(f"\n{args.preset} MoE vs dense twin: {args.steps} steps x {args.batch}x{args.seq} = {tokens / 1e6:.2f}M tokens each, "
           f"validation on {args.eval_batches} batches of the held-out plays\n")
     print(f"{'model':<8}{'layers (dense/MoE)':>20}{'total params':>14}{'active':>10}{'val loss':>10}{'val bpb':>9}"
-          f"{'tokens/s':>10}{'MFU':>7}{'wall':>8}")
-    for name, (cfg, result, tps, mfu, wall) in results.items():
+          f"{'tok/s (run)':>13}{'MFU':>7}{'tok/s (alternating)':>21}{'wall':>8}")
+    for name, (cfg, result, tps, mfu, wall, _) in results.items():
         s = model_stats(cfg)
         main_total = s.total_params - s.mtp_params
         layers = f"{cfg.n_dense_layers}/{cfg.n_layers - cfg.n_dense_layers}" + ("" if cfg.has_moe else f" (w {cfg.inter_dim})")
         print(f"{name:<8}{layers:>20}{main_total / 1e6:>13.2f}M{s.active_params / 1e6:>9.2f}M{result['val_loss']:>10.4f}"
-              f"{result['val_bpb']:>9.4f}{tps:>10,.0f}{mfu:>7.1%}{wall:>7.0f}s")
+              f"{result['val_bpb']:>9.4f}{tps:>13,.0f}{mfu:>7.1%}{args.batch * args.seq / step_s[name]:>21,.0f}{wall:>7.0f}s")
 
 
 if __name__ == "__main__":

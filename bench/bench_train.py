@@ -25,7 +25,13 @@ from seekling.presets import get_preset
 from seekling.train.balance import update_expert_bias
 from seekling.train.config import TrainConfig
 from seekling.train.optim import build_optimizer
-from seekling.train.speed import autocast, compile_model, measure_peak_flops, resolve_dtype, train_flops_per_token
+from seekling.train.speed import (
+    autocast,
+    compile_model,
+    measure_peak_flops,
+    resolve_dtype,
+    train_flops_per_token,
+)
 from seekling.train.trainer import compute_loss
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_support import _private_cache, data_dir, tiny_config  # noqa: F401 (fixtures)
 
 from seekling.train.state import find_checkpoint, read_metrics
 from seekling.train.trainer import resume, train
-from test_train_support import _private_cache, data_dir, tiny_config  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -109,7 +109,7 @@ def test_killed_subprocess_resumes(data_dir, tmp_path, straight, sig):
             proc.kill()
     if sig == signal.SIGTERM:  # a clean stop: finishes the step, saves, says how to continue, exits 0
         assert proc.returncode == 0, out
-        assert "SIGTERM" in out and f"seekling resume {run}" in out
+        assert "SIGTERM" in out and f"seekling train --resume {run}" in out
     else:
         assert proc.returncode == -signal.SIGKILL
     interrupted_at = find_checkpoint(run).name

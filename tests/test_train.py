@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train_support import TINY_MODEL, _private_cache, data_dir, tiny_config  # noqa: F401 (fixtures)
 
 from seekling.model.moe import RouterTrace
 from seekling.model.transformer import Transformer
@@ -14,7 +15,6 @@ from seekling.train.config import TrainConfig
 from seekling.train.samples import sample
 from seekling.train.state import read_metrics
 from seekling.train.trainer import compute_loss, resume, train
-from test_train_support import TINY_MODEL, _private_cache, data_dir, tiny_config  # noqa: F401
 
 # First losses of tiny_config(max_steps=5) on this repo's code, recorded on a 2-core AVX2 CPU with
 # torch 2.13.0 and checked stable across runs. A refactor that changes any of them changed the math
@@ -92,7 +92,7 @@ def test_metrics_and_plain_output(data_dir, tmp_path, capsys):
     result = train(tiny_config(data_dir, tmp_path / "run", max_steps=6, log_every=2, eval_every=3), live=None)
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\r" not in out  # not a TTY under pytest: plain lines only
-    assert "step 2/6 | loss" in out and "val loss" in out and "seekling resume" not in out
+    assert "step 2/6 | loss" in out and "val loss" in out and "seekling train --resume" not in out
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [2, 3, 4, 6]  # every log_every, at evaluations, and the last step
     for r in rows:
@@ -108,7 +108,7 @@ def test_metrics_and_plain_output(data_dir, tmp_path, capsys):
 def test_refuses_to_overwrite_a_run(data_dir, tmp_path):
     cfg = tiny_config(data_dir, tmp_path / "run", max_steps=2, warmup_steps=1, eval_every=0)
     train(cfg, live=False, plots=False)
-    with pytest.raises(ValueError, match="seekling resume"):
+    with pytest.raises(ValueError, match="seekling train --resume"):
         train(cfg, live=False, plots=False)
 
 
@@ -119,7 +119,8 @@ def test_vocab_smaller_than_tokenizer_is_a_clear_error(data_dir, tmp_path):
 
 
 def test_bf16_autocast_keeps_fp32_master_weights(data_dir, tmp_path):
-    result = train(tiny_config(data_dir, tmp_path / "run", max_steps=2, warmup_steps=1, eval_every=0, dtype="bfloat16"), live=False, plots=False)
+    cfg = tiny_config(data_dir, tmp_path / "run", max_steps=2, warmup_steps=1, eval_every=0, dtype="bfloat16")
+    result = train(cfg, live=False, plots=False)
     assert result["dtype"] == "bfloat16" and result["loss"] < 9
     cfg = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert cfg["dtype"] == "float32"
@@ -171,3 +172,35 @@ def test_resume_of_finished_run_is_a_no_op(data_dir, tmp_path):
 def test_compiled_training_runs(data_dir, tmp_path):
     result = train(tiny_config(data_dir, tmp_path / "run", max_steps=3, eval_every=0, compile=True), live=False, plots=False)
     assert result["step"] == 3 and result["loss"] < 9
+
+
+def test_cli_functions(data_dir, tmp_path, capsys, monkeypatch):
+    """The plain-argument functions seekling/cli.py calls: train, resume, plot."""
+    from seekling.train.commands import plot_command, resume_command, train_command
+
+    monkeypatch.setattr("seekling.train.config.get_preset", lambda name: TINY_MODEL)  # the preset's recipe, a small model
+
+    out = str(tmp_path / "run")
+    result = train_command("tiny", out_dir=out, data=str(data_dir / "data.txt"), max_steps=2, warmup_steps=0,
+                           batch_size=1, seq_len=16, eval_every=0, time_limit_s=1e-9)
+    assert result["stopped"] and result["step"] == 1  # the time limit stops after one step
+    assert resume_command(out)["finished"]
+    paths = plot_command(out)
+    printed = capsys.readouterr().out
+    assert len(paths) == 4 and all(p in printed for p in paths)
+    with pytest.raises(ValueError, match="unknown preset"):
+        train_command("huge")
+
+
+def test_time_limit_sizes_the_run(data_dir, tmp_path, monkeypatch):
+    """--time-limit without --steps: max_steps planned from measured steps and written to the run's config."""
+    from seekling.train.commands import train_command
+    from seekling.train.state import read_train_config
+
+    monkeypatch.setattr("seekling.train.config.get_preset", lambda name: TINY_MODEL)
+    out = tmp_path / "run"
+    result = train_command("tiny", out_dir=str(out), data=str(data_dir / "data.txt"), batch_size=2, seq_len=16,
+                           eval_every=0, time_limit_s=3.0)
+    planned = read_train_config(out).max_steps
+    assert planned > 10  # a step of this model takes milliseconds
+    assert result["step"] == planned or result["stopped"].startswith("time limit")

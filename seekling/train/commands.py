@@ -17,7 +17,13 @@ def train_command(preset: str = "tiny", *, out_dir: str | None = None, data: str
                   compile: bool = False, seed: int | None = None, eval_every: int | None = None,
                   ckpt_every: int | None = None, mtp_lambda: float | None = None, seq_aux_alpha: float | None = None,
                   bias_update_gamma: float | None = None, time_limit_s: float | None = None) -> dict:
-    """`seekling train`: a new run of a preset with its training defaults, any of them overridden."""
+    """`seekling train`: a new run of a preset with its training defaults, any of them overridden.
+
+    time_limit_s without max_steps/token_budget sizes the run to the time: a few timed steps fix
+    max_steps up front (written to the run's config, so the schedule and a resume stay
+    deterministic), and the limit itself stops training cleanly if the machine then runs slower.
+    """
+    from seekling.train.speed import plan_steps
     from seekling.train.trainer import train
 
     cfg = train_preset(preset, out_dir=out_dir, data=data, max_steps=max_steps, token_budget=token_budget,
@@ -25,11 +31,17 @@ def train_command(preset: str = "tiny", *, out_dir: str | None = None, data: str
                        warmup_steps=warmup_steps, dtype=dtype, compile=compile, seed=seed, eval_every=eval_every,
                        ckpt_every=ckpt_every, mtp_lambda=mtp_lambda, seq_aux_alpha=seq_aux_alpha,
                        bias_update_gamma=bias_update_gamma, time_limit_s=time_limit_s)
+    if time_limit_s is not None and max_steps is None and token_budget is None:
+        # plan for 90% of the limit: checkpoints, the final save and step-time noise take the rest
+        steps, step_s = plan_steps(cfg, 0.9 * time_limit_s)
+        warmup = cfg.warmup_steps if cfg.warmup_steps < steps // 2 else steps // 10
+        cfg = cfg.replace(max_steps=steps, warmup_steps=warmup)
+        print(f"measured {step_s:.2f} s per step: {steps} steps fit in {time_limit_s:.0f} s", flush=True)
     return train(cfg)
 
 
 def resume_command(run_dir: str) -> dict:
-    """`seekling resume RUN_DIR`: continue a run from its newest complete checkpoint."""
+    """`seekling train --resume RUN_DIR`: continue a run from its newest complete checkpoint."""
     from seekling.train.trainer import resume
 
     return resume(run_dir)

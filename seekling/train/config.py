@@ -69,10 +69,12 @@ class TrainConfig:
             need(self.model in PRESETS, "model", f"unknown preset {self.model!r}; choose one of {', '.join(PRESETS)} "
                  "or pass a ModelConfig")
         else:
-            need(isinstance(self.model, ModelConfig), "model", f"must be a preset name or a ModelConfig, got {type(self.model).__name__}")
+            need(isinstance(self.model, ModelConfig), "model",
+                 f"must be a preset name or a ModelConfig, got {type(self.model).__name__}")
         need(self.data is None or (isinstance(self.data, str) and self.data != ""), "data",
              "must be a path to a .txt/.md/.jsonl file or directory, or None for the embedded corpus")
-        need(isinstance(self.out_dir, str) and self.out_dir.strip() != "", "out_dir", "must be a directory path, e.g. runs/my-run")
+        need(isinstance(self.out_dir, str) and self.out_dir.strip() != "", "out_dir",
+             "must be a directory path, e.g. runs/my-run")
         for f in ("batch_size", "seq_len", "grad_accum", "log_every", "eval_batches"):
             v = getattr(self, f)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f, f"must be a positive integer, got {v!r}")
@@ -99,11 +101,13 @@ class TrainConfig:
         need(self.eps > 0, "eps", f"must be positive, got {self.eps}")
         need(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
         need(self.mtp_lambda >= 0, "mtp_lambda", f"must be >= 0, got {self.mtp_lambda}")
-        need(self.bias_update_gamma >= 0, "bias_update_gamma", f"must be >= 0 (0 disables the bias update), got {self.bias_update_gamma}")
+        need(self.bias_update_gamma >= 0, "bias_update_gamma",
+             f"must be >= 0 (0 disables the bias update), got {self.bias_update_gamma}")
         need(self.seq_aux_alpha >= 0, "seq_aux_alpha", f"must be >= 0 (DeepSeek-V3 used 1e-4), got {self.seq_aux_alpha}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         need(isinstance(self.compile, bool), "compile", f"must be True or False, got {self.compile!r}")
-        need(self.time_limit_s is None or self.time_limit_s > 0, "time_limit_s", f"must be positive or None, got {self.time_limit_s}")
+        need(self.time_limit_s is None or self.time_limit_s > 0, "time_limit_s",
+             f"must be positive or None, got {self.time_limit_s}")
 
     @property
     def model_config(self) -> ModelConfig:

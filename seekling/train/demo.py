@@ -5,62 +5,37 @@ to try next.
 The run length is fixed up front: a few timed steps on a throwaway copy of the model measure this
 machine, and the step count that fits the budget is written into the run's config. The learning
 -rate schedule therefore knows its end from step 0, and an interrupted demo resumes on the same
-schedule (`seekling demo` again, or `seekling resume runs/demo`). If the machine turns out slower
+schedule (`seekling demo` again, or `seekling train --resume runs/demo`). If the machine turns out slower
 than measured, the time limit stops training cleanly with a resumable checkpoint.
 Left out: a budget that adapts mid-run; it would make the schedule depend on wall-clock time.
 """
 
 from __future__ import annotations
 
-import copy
 import shutil
-import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from seekling.data.dataset import TrainLoader, prepare_tokens
-from seekling.model.moe import RouterTrace
 from seekling.model.transformer import Transformer
 from seekling.tokenizer import load_default_tokenizer
 from seekling.train import state as run_state
-from seekling.train.config import TrainConfig, train_preset
-from seekling.train.optim import build_optimizer
+from seekling.train.config import train_preset
 from seekling.train.progress import fmt_duration
 from seekling.train.samples import sample
-from seekling.train.speed import autocast, resolve_dtype
-from seekling.train.trainer import compute_loss, resume, train
+from seekling.train.speed import measure_step_time
+from seekling.train.trainer import resume, train
 
 DEMO_PROMPT = "ROMEO:"
 # Wall time not spent in training steps, as measured on a 2-core laptop CPU: imports and token
-# cache (~10 s on first use), the throughput probe (~5 s), 4 evaluations, 4 checkpoints, 3 samples
-# and the plots (~25 s together). Kept generous: the budget is a promise.
+# cache (~10 s on first use), the throughput probe (~5 s), 4 checkpoints, 3 samples and the plots
+# (~25 s together); evaluations are budgeted from the measured step time. Kept generous: the
+# budget is a promise.
 _OVERHEAD_S = 45.0
 
 
-def measure_step_time(cfg: TrainConfig, loader: TrainLoader, model: Transformer, n: int = 3) -> float:
-    """Median seconds per optimizer step, timed on a copy of `model` (the real run stays untouched)."""
-    probe = copy.deepcopy(model).train()
-    opt = build_optimizer(probe, cfg)
-    dtype = resolve_dtype(cfg.dtype, torch.device("cpu"))
-    times = []
-    for i in range(n + 1):  # the first step warms up kernels and allocations
-        t = time.perf_counter()
-        for micro in range(cfg.grad_accum):
-            x, y = loader.batch(i * cfg.grad_accum + micro)
-            with autocast(dtype, x.device):
-                loss, _, _ = compute_loss(probe, x, y, RouterTrace(), cfg)
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def _clear_run(run_dir: Path) -> None:
-    """Remove a finished demo's files (only names the trainer writes) so a new demo can start."""
+    """Remove an earlier demo's files (only names the trainer writes) so a new demo can start."""
     for p in run_dir.iterdir():
         if p.name.startswith("ckpt-") or p.name == run_state.MODEL_DIR:
             shutil.rmtree(p)
@@ -92,7 +67,7 @@ def run_demo(out_dir: str = "runs/demo", time_budget_s: float = 450.0, prompt: s
         resuming = True
     else:
         if run_dir.exists() and (run_dir / run_state.TRAIN_CONFIG).exists():
-            print(f"replacing the finished demo in {run_dir}", flush=True)
+            print(f"replacing the earlier demo in {run_dir}", flush=True)
             _clear_run(run_dir)
         cfg = train_preset("tiny", out_dir=str(run_dir), max_steps=50, warmup_steps=10)
         resuming = False
@@ -104,8 +79,8 @@ def run_demo(out_dir: str = "runs/demo", time_budget_s: float = 450.0, prompt: s
     if not resuming:
         step_s = measure_step_time(cfg, loader, model)
         left = time_budget_s - (time.perf_counter() - t0) - _OVERHEAD_S
-        # evaluations cost about eval_batches forward passes (~1/3 of a step each) four times over
-        steps = int(left / (step_s * (1 + 4 * cfg.eval_batches / 3 / 100)))
+        # four evaluations of eval_batches forward passes, each under 1/3 of a training step
+        steps = int((left - 4 * cfg.eval_batches * step_s / 3) / step_s)
         steps = max(60, min(3000, steps - steps % 10))
         cfg = train_preset("tiny", out_dir=str(run_dir), max_steps=steps, warmup_steps=max(10, steps // 15),
                            eval_every=max(1, steps // 4), ckpt_every=max(1, steps // 4),
@@ -132,7 +107,8 @@ def run_demo(out_dir: str = "runs/demo", time_budget_s: float = 450.0, prompt: s
         print(f"\nthe time budget ran out at step {result['step']} of {cfg.steps}; the model so far is saved. "
               "Run `seekling demo` again to finish the schedule.", flush=True)
     total = time.perf_counter() - t0
-    val = f"validation loss {result['val_loss']:.3f} nats/token, {result['val_bpb']:.3f} bits/byte; " if "val_loss" in result else ""
+    val = (f"validation loss {result['val_loss']:.3f} nats/token, {result['val_bpb']:.3f} bits/byte; "
+           if "val_loss" in result else "")
     model_dir = run_dir / run_state.MODEL_DIR
     print(f"\ndemo {'stopped' if result['stopped'] else 'finished'} in {fmt_duration(total)}: {val}plots in {run_dir}/*.png\n"
           f"next:\n"

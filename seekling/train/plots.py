@@ -9,6 +9,7 @@ for someone else's run directory):
                      Routers are numbered in forward order: the main MoE layers, then the MTP blocks.
 
 Matplotlib's Agg backend: no display needed, nothing opens a window.
+Left out: live or interactive plots; rerun plot_run (or `seekling plot`) to refresh.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import TwoSlopeNorm
 
-from seekling.train.state import read_metrics  # noqa: E402
+from seekling.train.state import read_metrics
 
 
 def _save(fig, path: Path) -> None:
@@ -96,7 +97,7 @@ def _expert_load_figure(name: str, loads: list[tuple[int, np.ndarray]]):
     for layer in range(n_layers):
         ax = fig.add_subplot(grid[layer // cols, layer % cols])
         image = ax.imshow(share[:, layer].T, aspect="auto", origin="lower", cmap="RdBu_r", norm=norm,
-                          extent=(steps[0], steps[-1], -0.5, n_exp - 0.5), interpolation="nearest")
+                          extent=(steps[0], max(steps[-1], steps[0] + 1), -0.5, n_exp - 0.5), interpolation="nearest")
         ax.set(title=f"MoE router {layer}", xlabel="step", ylabel="expert")
     ax = fig.add_subplot(grid[rows_over_time, :])
     ax.imshow(share[-1], aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")

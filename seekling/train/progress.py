@@ -4,6 +4,7 @@ On a terminal: a live rich progress bar (step, loss, tokens/s, MFU, elapsed, ETA
 (evaluations, checkpoints, samples) printed above it. Anywhere else (a pipe, a CI log, a file):
 plain lines at each logged step, no control characters. Either way every logged step is also one
 JSON object in `metrics.jsonl`, flushed as it is written, so a crash loses no logged line.
+Left out: TensorBoard / W&B writers; metrics.jsonl is easy to feed to either.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 def fmt_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"

@@ -5,11 +5,13 @@ MFU here is measured against what a plain 1024^3 matmul achieves on this machine
 dtype, not against a datasheet number: CPUs have no datasheet peak that PyTorch can reach (and a
 CPU without native bf16 emulates it, measured ~10-50x slower than fp32 on an AVX2 EPYC), so a
 matmul benchmark is the honest ceiling. On GPUs the same measurement lands near the datasheet.
+Left out: per-op roofline accounting (memory-bound ops are simply part of the gap to 100%).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -99,8 +101,11 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, device: torch.device 
         return 2 * n**3 / best
 
     # Emulated bf16 can run at ~1 GFLOP/s: size the test from a small probe so it stays well under a second.
-    probe = timed(256, 3)
-    n = 1024 if probe > 2e10 else 512 if probe > 4e9 else 256
+    if device.type == "cuda":
+        n = 8192  # a GPU needs a big matmul to approach its peak; 1024^3 would be launch-bound
+    else:
+        probe = timed(256, 3)
+        n = 1024 if probe > 2e10 else 512 if probe > 4e9 else 256
     measured = timed(n, 5)
     cache, name = _peak_cache(), _machine_key(device, dtype)
     try:
@@ -129,6 +134,53 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         block = cfg.replace(n_layers=1, n_dense_layers=0 if cfg.n_routed_experts else 1, n_mtp_layers=0)
         fwd += cfg.n_mtp_layers * (model_stats(block, context=seq_len).flops_per_token + 2 * 2 * cfg.dim * cfg.dim)
     return 3 * fwd
+
+
+def measure_step_time(cfg, loader, model: nn.Module, n: int = 3) -> float:
+    """Fastest of n optimizer steps of TrainConfig `cfg`, timed on a copy of `model` (which stays untouched).
+
+    The fastest, not the median: another busy process makes single steps slow for a moment, and
+    a probe that lands in such a moment would shrink a whole planned run (measured: 8.7 s instead
+    of ~1 s per step). A run that turns out slower is stopped cleanly by its time limit.
+    """
+    from seekling.model.moe import RouterTrace
+    from seekling.train.optim import build_optimizer
+    from seekling.train.trainer import compute_loss
+
+    device = next(model.parameters()).device
+    probe = copy.deepcopy(model).train()
+    opt = build_optimizer(probe, cfg)
+    dtype = resolve_dtype(cfg.dtype, device)
+    times = []
+    for i in range(n + 1):  # the first step warms up kernels and allocations
+        t = time.perf_counter()
+        for micro in range(cfg.grad_accum):
+            x, y = loader.batch(i * cfg.grad_accum + micro)
+            with autocast(dtype, device):
+                loss, _, _ = compute_loss(probe, x.to(device), y.to(device), RouterTrace(), cfg)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def plan_steps(cfg, seconds: float) -> tuple[int, float]:
+    """How many steps of `cfg` fit in `seconds` of training here (evaluations included), and the measured s/step."""
+    from seekling.data.dataset import TrainLoader, prepare_tokens
+    from seekling.model.transformer import Transformer
+    from seekling.tokenizer import load_default_tokenizer
+
+    data = prepare_tokens(cfg.data, load_default_tokenizer(), cache_dir=cfg.token_cache_dir).split("train")
+    loader = TrainLoader(data=data, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
+    model = Transformer(cfg.model_config).to("cuda" if torch.cuda.is_available() else "cpu")
+    step_s = measure_step_time(cfg, loader, model)
+    # an evaluation is eval_batches forward passes, each under a third of a training step
+    eval_share = cfg.eval_batches / 3 / cfg.eval_every if cfg.eval_every else 0.0
+    return max(1, int(seconds / (step_s * (1 + eval_share)))), step_s
 
 
 def compile_model(model: nn.Module) -> None:

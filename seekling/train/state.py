@@ -8,7 +8,8 @@ the steps since the last complete checkpoint.
         config.json, generation_config.json, model.safetensors   Hugging Face layout (fp32 master weights)
         tokenizer.json, tokenizer_config.json, special_tokens_map.json
         train_state.safetensors  AdamW moments and step counters (keyed by parameter name), torch RNG
-        state.json               step, tokens, elapsed time, Python/numpy RNG, dtype - written last
+        state.json               step, tokens, data position, elapsed time, Python/numpy RNG, dtype,
+                                 the TrainConfig - written last
       latest                   the name of the newest checkpoint, for people and scripts
       model/                   hard links to the newest checkpoint's model and tokenizer files:
                                the one stable path for `seekling generate --model runs/<name>/model`
@@ -83,7 +84,7 @@ def write_json_atomic(path: Path, obj) -> None:
 def init_run(run_dir: Path, cfg: TrainConfig) -> None:
     """Create a run directory for a new run; refuse one that already holds a run."""
     if (run_dir / TRAIN_CONFIG).exists() or find_checkpoint(run_dir) is not None:
-        raise ValueError(f"{run_dir} already holds a training run; continue it with `seekling resume {run_dir}` "
+        raise ValueError(f"{run_dir} already holds a training run; continue it with `seekling train --resume {run_dir}` "
                          "or pass another --out directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / TRAIN_CONFIG, cfg.to_dict())
@@ -187,9 +188,12 @@ def save_checkpoint(run_dir: Path, model, optimizer, tokenizer, state: dict, kee
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     fsync_dir(tmp)
-    if final.exists():  # the same step saved before (e.g. a run resumed from it): replace it
-        _remove(final)
-    os.replace(tmp, final)
+    if final.exists():
+        # This step was saved before and training is deterministic, so it holds the same weights:
+        # keep it rather than open a window in which neither copy exists.
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, final)
     fsync_dir(run_dir)
     latest = run_dir / LATEST
     tmp_latest = run_dir / f".{LATEST}.tmp-{os.getpid()}"
@@ -245,7 +249,8 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
     try:
         tensors = load_file(str(ckpt / TRAIN_STATE))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{ckpt / TRAIN_STATE} is unreadable ({e}); delete {ckpt} to resume from an earlier checkpoint") from None
+        raise ValueError(f"{ckpt / TRAIN_STATE} is unreadable ({e}); "
+                         f"delete {ckpt} to resume from an earlier checkpoint") from None
     params = dict(model.named_parameters())
     restored = {}
     for key, value in tensors.items():

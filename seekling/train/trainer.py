@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from seekling.data.dataset import TrainLoader, ValLoader, bits_per_byte, prepare_tokens
+from seekling.device import cpu_has_fast_bf16
 from seekling.model.moe import RouterTrace
 from seekling.model.transformer import Transformer
 from seekling.tokenizer import load_default_tokenizer
@@ -35,7 +36,13 @@ from seekling.train.balance import moe_gates, sequence_balance_loss, update_expe
 from seekling.train.config import TrainConfig
 from seekling.train.optim import build_optimizer, lr_at, set_lr
 from seekling.train.progress import Display, MetricsLog, fmt_duration
-from seekling.train.speed import autocast, compile_model, measure_peak_flops, resolve_dtype, train_flops_per_token
+from seekling.train.speed import (
+    autocast,
+    compile_model,
+    measure_peak_flops,
+    resolve_dtype,
+    train_flops_per_token,
+)
 
 
 def train(cfg: TrainConfig, *, on_step=None, live: bool | None = None, plots: bool = True) -> dict:
@@ -136,12 +143,13 @@ def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, p
         dtype = getattr(torch, st.get("dtype", str(dtype).removeprefix("torch.")))  # the dtype the run started with
         say(f"resuming {run_dir} from {ckpt.name} (step {step}/{cfg.steps}, {tokens:,} tokens)")
     run_state.truncate_metrics(run_dir, step)
+    start_step = step
     n_gates = len(moe_gates(model))
     if cfg.compile:
         compile_model(model)
         say("torch.compile enabled: the first step includes compilation (about a minute on a laptop CPU)")
 
-    flops_per_token = train_flops_per_token(model_cfg, cfg.seq_len)
+    flops_per_token = train_flops_per_token(model_cfg if cfg.mtp_lambda > 0 else model_cfg.replace(n_mtp_layers=0), cfg.seq_len)
     peak = measure_peak_flops(dtype, device)
     bf16_peak = peak if dtype == torch.bfloat16 else measure_peak_flops(torch.bfloat16, device)
     say(f"model {model.num_params() / 1e6:.1f}M parameters ({model.num_params(active=True) / 1e6:.1f}M active), "
@@ -149,10 +157,15 @@ def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, p
         f"({train_data.data.n_tokens:,} train tokens)")
     say(f"compute: {str(dtype).removeprefix('torch.')} on {device.type}; measured matmul peak "
         f"{peak / 1e12:.3f} TFLOP/s ({bf16_peak / 1e12:.3f} in bf16); MFU is relative to it")
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
+        say(f"warning: this CPU has no native bf16, so bf16 matmuls are emulated ({peak / measure_peak_flops(torch.float32):.0%} "
+            "of the fp32 speed measured above); --dtype auto would train in fp32")
 
     def state_now() -> dict:
+        # the data position is (seed, step): TrainLoader.batch is a pure function of them
         return {"step": step, "tokens": tokens, "elapsed": elapsed_before + time.perf_counter() - session_start,
-                "dtype": str(dtype).removeprefix("torch."), "finished": step >= cfg.steps}
+                "dtype": str(dtype).removeprefix("torch."), "finished": step >= cfg.steps,
+                "data": {"seed": cfg.seed, "next_micro_batch": step * cfg.grad_accum}, "train_config": cfg.to_dict()}
 
     # ---- the loop
     log = MetricsLog(run_dir / run_state.METRICS)
@@ -195,15 +208,14 @@ def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, p
                 last = step == cfg.steps
                 evaluating = last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
                 if step % cfg.log_every == 0 or evaluating or last:
-                    dt = time.perf_counter() - t_log
-                    tps = tokens_log / dt
+                    tps = tokens_log / (time.perf_counter() - t_log)
                     row = {"step": step, "tokens": tokens, "loss": loss_sum.item() / cfg.grad_accum,
                            "mtp_loss": mtp_sum.item() / cfg.grad_accum if model_cfg.n_mtp_layers and cfg.mtp_lambda > 0 else None,
                            "lr": lr, "tok_per_s": tps, "mfu": tps * flops_per_token / peak,
                            "elapsed": state_now()["elapsed"]}
                     if counts is not None:
                         row["expert_load"] = counts.tolist()
-                    if evaluating:
+                    if evaluating:  # after the throughput reading: evaluation is not training speed
                         val_loss, val_bpb = evaluate(model, val_data, val_bytes, dtype, device)
                         row |= {"val_loss": val_loss, "val_bpb": val_bpb}
                         last_val = (val_loss, val_bpb)
@@ -216,6 +228,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, p
                     t_log, tokens_log = time.perf_counter(), 0
                 else:
                     display.update(step)
+                t_aside = time.perf_counter()  # hooks and checkpoints do not count as training throughput
                 stop_reason = signals.reason
                 if on_step is not None and on_step(step, model, display) and not last:
                     stop_reason = stop_reason or "stopped by the caller"
@@ -225,17 +238,17 @@ def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, p
                 if last or stop_reason or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0):
                     run_state.save_checkpoint(run_dir, model, optimizer, tokenizer, state_now())
                     saved_at = step
-                    t_log = time.perf_counter()  # checkpoint time is not training throughput
+                t_log += time.perf_counter() - t_aside
                 if stop_reason:
                     break
     finally:
         display.close()
         log.close()
 
-    if saved_at != step:  # e.g. resumed a finished run: nothing trained, nothing new to save
+    if saved_at != step and step != start_step:  # (a resumed finished run trains nothing and saves nothing)
         run_state.save_checkpoint(run_dir, model, optimizer, tokenizer, state_now())
-    result = state_now() | {"run_dir": str(run_dir), "model_dir": str(run_dir / run_state.MODEL_DIR),
-                            "stopped": stop_reason, "dtype": str(dtype).removeprefix("torch.")}
+    result = {k: v for k, v in state_now().items() if k not in ("data", "train_config")}
+    result |= {"run_dir": str(run_dir), "model_dir": str(run_dir / run_state.MODEL_DIR), "stopped": stop_reason}
     rows = run_state.read_metrics(run_dir)
     if rows:
         result |= {k: rows[-1].get(k) for k in ("loss", "mtp_loss", "tok_per_s", "mfu")}
@@ -244,7 +257,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, p
         result |= {"val_loss": vals[-1]["val_loss"], "val_bpb": vals[-1]["val_bpb"]}
     if stop_reason:
         say(f"stopped at step {step}/{cfg.steps} ({stop_reason}); checkpoint saved. Continue with:\n"
-            f"  seekling resume {run_dir}")
+            f"  seekling train --resume {run_dir}")
     else:
         if plots:
             from seekling.train.plots import plot_run
