@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--ckpt-every", type=int, default=None)
     tr.add_argument("--mtp-lambda", type=float, default=None, help="MTP loss weight (DeepSeek-V3: 0.3)")
     tr.add_argument("--seq-aux-alpha", type=float, default=None, help="sequence-wise balance loss weight (0 = off)")
-    tr.add_argument("--bias-gamma", type=float, default=None, help="aux-loss-free bias update speed (default 1e-3)")
+    tr.add_argument("--bias-gamma", type=float, default=None, help="aux-loss-free bias update speed (preset default: 1e-2 for tiny/small, 1e-3 for GPU sizes)")
     tr.set_defaults(func=cmd_train)
 
     plot = sub.add_parser("plot", help="draw a run's loss, learning-rate, throughput and expert-load PNGs")

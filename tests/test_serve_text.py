@@ -73,6 +73,16 @@ def test_stop_strings_match_whole_text_reference(text, cuts, stops):
     assert ("".join(out), m.stopped) == ref_stop(text, stops)
 
 
+def test_earlier_stop_string_still_arriving_wins():
+    """'ink' completes first in the stream, but '</think>' started earlier: the cut is at '</think>'."""
+    m = StopMatcher(["</think>", "ink"])
+    assert m.feed("<<</think") == "<<"
+    assert not m.stopped
+    assert m.feed(">") == "" and m.stopped
+    m = StopMatcher(["</think>", "ink"])
+    assert m.feed("<<</think") + m.flush() == "<<</th" and m.stopped  # stream ended: 'ink' was the first match
+
+
 def test_tags_split_across_chunks():
     s = ReasoningSplitter()
     got = [s.feed(x) for x in ["Hi <", "thi", "nk>plan", "ning</th", "ink", "> done <"]]

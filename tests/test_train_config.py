@@ -89,6 +89,9 @@ def test_train_preset_overrides():
     cfg = train_preset("tiny", lr=1e-3, max_steps=None, token_budget=100_000, seed=None)
     assert cfg.lr == 1e-3 and cfg.max_steps is None and cfg.steps == math.ceil(100_000 / cfg.tokens_per_step)
     assert cfg.seed == 0  # None means "keep the default"
+    assert train_preset("tiny", max_steps=5).warmup_steps == 0  # the preset's warmup would not fit
+    with pytest.raises(ValueError, match=r"TrainConfig\.warmup_steps"):
+        train_preset("tiny", max_steps=5, warmup_steps=5)  # asked for explicitly: an error, not a silent change
     with pytest.raises(ValueError, match="unknown training setting"):
         train_preset("tiny", learning_rate=1.0)
     with pytest.raises(ValueError, match="unknown preset"):

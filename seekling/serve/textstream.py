@@ -68,15 +68,29 @@ class StopMatcher:
         # was checked not to be the start of a stop string.
         hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
         if hits:
-            self.stopped, self.pending = True, ""
-            return buf[:min(hits)]
+            first = min(hits)
+            # A stop string starting earlier may still be arriving ("</thin" while "ink" already
+            # matched): it would win, so hold from its start until it completes or breaks off.
+            earlier = next((j for j in range(first) if any(s.startswith(buf[j:]) for s in self.stops)), None)
+            if earlier is None:
+                self.stopped, self.pending = True, ""
+                return buf[:first]
+            self.pending = buf[earlier:]
+            return buf[:earlier]
         hold = _held_tail(buf, self.stops)
         self.pending = buf[len(buf) - hold:]
         return buf[:len(buf) - hold]
 
     def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
+        """The held-back tail at the end of the stream (cut at a stop string it may complete)."""
+        buf, self.pending = self.pending, ""
+        if self.stopped:
+            return ""
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            return buf[:min(hits)]
+        return buf
 
 
 class ReasoningSplitter:

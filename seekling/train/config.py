@@ -182,4 +182,7 @@ def train_preset(name: str, **overrides) -> TrainConfig:
     fields.update({k: v for k, v in overrides.items() if v is not None})
     if overrides.get("token_budget") is not None and overrides.get("max_steps") is None:
         fields["max_steps"] = None  # a token budget replaces the preset's step count
+    steps = fields.get("max_steps")
+    if overrides.get("warmup_steps") is None and steps is not None and steps <= fields["warmup_steps"]:
+        fields["warmup_steps"] = steps // 10  # a short run asked for: keep the warmup inside it
     return TrainConfig(**fields)

@@ -10,7 +10,8 @@ the micro-batches (so accumulation sees one update per step, as a bigger batch w
 
 Everything that decides the numbers is a function of (config, step): the batches (TrainLoader is
 pure in seed and step), the learning rate, the weights and AdamW moments restored from the
-checkpoint. That is what makes a resumed run repeat the uninterrupted one exactly.
+checkpoint. That is what makes a resumed run repeat the uninterrupted one exactly - on the same
+machine, torch version and thread count (a different thread count changes float summation order).
 Left out: data/tensor/expert parallelism (they would live beside this file) and gradient
 checkpointing (the presets fit without it).
 """
@@ -258,6 +259,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, p
     if stop_reason:
         say(f"stopped at step {step}/{cfg.steps} ({stop_reason}); checkpoint saved. Continue with:\n"
             f"  seekling train --resume {run_dir}")
+    elif step == start_step:
+        say(f"{run_dir} already finished its {cfg.steps} steps; nothing to train (model in {run_dir / run_state.MODEL_DIR})")
     else:
         if plots:
             from seekling.train.plots import plot_run
