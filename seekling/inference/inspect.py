@@ -102,7 +102,7 @@ def write_heatmap(table: RouteTable, path, decode: Callable[[list[int]], str] | 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:  # written aside and renamed, so a crash never leaves a truncated PNG
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
