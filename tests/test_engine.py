@@ -45,14 +45,7 @@ def model():
     return tiny_model()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Dim-64 matmuls gain nothing from a second thread, and on a shared 2-core machine OpenMP
-    # barriers then wait on other processes (measured: the same test 1.4 s alone, 12 s contended).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py says why
 
 
 # ---------------------------------------------------------------- cache and attention

@@ -18,12 +18,7 @@ CFG = dict(vocab_size=97, dim=64, n_layers=3, n_dense_layers=1, inter_dim=96, n_
            n_activated_experts=3, max_seq_len=256, eos_token_id=None, bos_token_id=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()  # see tests/test_engine.py: tiny matmuls, shared cores
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py says why
 
 
 @pytest.mark.parametrize("variant", [

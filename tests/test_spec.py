@@ -49,12 +49,7 @@ def tiny_model(seed=0, context=None, **changes) -> Transformer:
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()  # see tests/test_engine.py: tiny matmuls, shared cores
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py says why
 
 
 def prompts(n, lo=3, hi=30, seed=0, vocab=97):
