@@ -90,6 +90,9 @@ class Experts(nn.Module):
         """Grouped-GEMM path. x (N,D), weights (N,K), idx (N,K) -> (N,D)."""
         N, K = idx.shape
         dtype = _compute_dtype(x, self.w13)
+        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if N * K <= self.w13.shape[0] // 2:
+            return self._forward_few(x, weights, idx, dtype).to(out_dtype)
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # (S,) pairs sorted by expert
         offs = torch.bincount(flat, minlength=self.w13.shape[0]).cumsum(0).to(torch.int32)
@@ -99,8 +102,26 @@ class Experts(nn.Module):
         # Scale by the routing weight before the down projection: it is linear, and I < D usually.
         h = F.silu(gate) * up * weights.flatten()[order].unsqueeze(-1).to(dtype)
         y = F.grouped_mm(h, self.w2.to(dtype).transpose(-2, -1), offs=offs)  # (S,D)
-        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return torch.zeros(N, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y).to(out_dtype)
+
+    def _forward_few(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, dtype) -> torch.Tensor:
+        """Few (token, expert) pairs, as in a decode step: one matrix-vector product per pair.
+
+        grouped_mm walks every expert's group, empty or not, and that bookkeeping costs more than
+        the work at one token: measured 127 us here against 258 us for grouped_mm (tiny preset, one
+        token, 1 thread). Used while pairs <= E/2; grouped_mm wins from about two tokens on.
+        """
+        I = self.w2.shape[-1]
+        xs, weights = x.to(dtype), weights.to(dtype)
+        outs = []
+        for n, experts in enumerate(idx.tolist()):
+            h = torch.stack([F.linear(xs[n], self.w13[e].to(dtype)) for e in experts])  # (K, 2I)
+            h = F.silu(h[:, :I]) * h[:, I:] * weights[n, :, None]
+            y = F.linear(h[0], self.w2[experts[0]].to(dtype))
+            for k in range(1, len(experts)):
+                y = y + F.linear(h[k], self.w2[experts[k]].to(dtype))
+            outs.append(y)
+        return torch.stack(outs)
 
     def forward_loop(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Reference: one plain matmul per expert over the tokens routed to it."""

@@ -51,18 +51,29 @@ class RotaryEmbedding(nn.Module):
         self.interleave = cfg.rope_interleave
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (*positions.shape, R/2), in fp32."""
+        """Full-width tables cos, sin of shape (*positions.shape, R), fp32, laid out for `apply_rope`.
+
+        Built once per forward and shared by every layer, so each layer's rotation is four
+        elementwise ops (a decode step is bound by per-op overhead on a CPU). `sin` carries the
+        rotation's sign: -sin on the first element of each pair, +sin on the second.
+        """
         freqs = positions.float().unsqueeze(-1) * self.inv_freq
-        return freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+        cos, sin = freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+        if self.interleave:  # pairs (x0,x1),(x2,x3),...: element 2i and 2i+1 share frequency i
+            return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # pairs (x_i, x_{i+R/2})
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate x (..., T, R) by cos/sin (..., T, R/2) broadcast over x's leading dims; fp32 math."""
+    """Rotate x (..., T, R) by the tables of `RotaryEmbedding` (..., T, R), broadcast over x's leading dims.
+
+    out = x * cos + partner(x) * sin, where partner swaps the two elements of each rotated pair.
+    With the sign folded into `sin` this is bit-identical to the textbook (x1 cos - x2 sin,
+    x2 cos + x1 sin): IEEE a - b equals a + (-b). Math in fp32 (a no-op for fp32 activations).
+    """
     xf = x.float()
     if interleave:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        partner = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     else:
-        x1, x2 = xf.chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+        partner = xf.roll(xf.shape[-1] // 2, dims=-1)
+    return (xf * cos + partner * sin).to(x.dtype)
