@@ -77,8 +77,13 @@ class CacheBatch:
         self.n_tokens = sum(lengths)
         # Positions of all packed tokens, and where each one is written in the flattened pool.
         # Decode and verification steps have equal lengths: a few tensor ops, however large the batch.
-        if all(L == 1 for L in lengths):
-            pos, row_of_token = torch.tensor(starts), torch.tensor(rows)
+        decode = all(L == 1 for L in lengths)
+        if decode:
+            # One token per row (plain decode): slots and positions straight from the rows' block
+            # lists, one tensor each. Building this batch is per-step overhead that the forward of a
+            # small model does not hide (it was a quarter of the engine's own time at batch 1).
+            pos = torch.tensor(starts)
+            self.slots = torch.tensor([cache.row_blocks(r)[s // P] * P + s % P for r, s in zip(rows, starts)])
         elif len(set(lengths)) == 1:
             L0 = lengths[0]
             pos = (torch.tensor(starts)[:, None] + torch.arange(L0)[None]).flatten()
@@ -86,8 +91,9 @@ class CacheBatch:
         else:
             pos = torch.cat([torch.arange(s, s + L) for s, L in zip(starts, lengths)])
             row_of_token = torch.repeat_interleave(torch.tensor(rows), torch.tensor(lengths))
+        if not decode:
+            self.slots = cache.block_table[row_of_token, pos // P] * P + pos % P
         self.positions = pos
-        self.slots = cache.block_table[row_of_token, pos // P] * P + pos % P
 
         offsets = list(itertools.accumulate(lengths, initial=0))
         short = [i for i, L in enumerate(lengths) if mode == "absorbed" and L <= short_max]
@@ -99,12 +105,21 @@ class CacheBatch:
             S = math.ceil(max(starts[i] + lengths[i] for i in short) / P) * P
             # Query l of a segment starting at position s may see keys 0..s+l; padding rows l >= length
             # see a valid prefix too, so no softmax row is empty (they are discarded afterwards).
-            q_pos = torch.tensor([[starts[i] + l for l in range(Lmax)] for i in short])  # (n, Lmax)
-            bias = torch.zeros(n, Lmax, S).masked_fill_(cache.arange(S)[None, None] > q_pos[..., None], float("-inf"))
-            bias = bias.view(n, 1, S) if Lmax == 1 else (
-                bias[:, :, None, :].expand(n, Lmax, n_heads, S).reshape(n, Lmax * n_heads, S))
-            table = cache.block_table[torch.tensor([rows[i] for i in short]), :S // P]
-            self.short = dict(n=n, L=Lmax, table=table, bias=bias, gather=None)
+            keep = None
+            if n == 1 and Lmax == 1:
+                # One decoding sequence: attend over exactly its positions 0..start, no mask needed.
+                keep, bias = starts[short[0]] + 1, cache.zero_bias
+            else:
+                q_pos = torch.tensor([[starts[i] + l for l in range(Lmax)] for i in short])  # (n, Lmax)
+                bias = torch.zeros(n, Lmax, S).masked_fill_(cache.arange(S)[None, None] > q_pos[..., None], float("-inf"))
+                bias = bias.view(n, 1, S) if Lmax == 1 else (
+                    bias[:, :, None, :].expand(n, Lmax, n_heads, S).reshape(n, Lmax * n_heads, S))
+            if decode and short == list(range(n)):
+                W = S // P
+                table = torch.tensor([(cache.row_blocks(r) + [0] * W)[:W] for r in rows])
+            else:
+                table = cache.block_table[torch.tensor([rows[i] for i in short]), :S // P]
+            self.short = dict(n=n, L=Lmax, table=table, bias=bias, gather=None, keep=keep)
             if short != list(range(n)) or any(lengths[i] != Lmax for i in short):
                 # Packed index of every padded (segment, l) slot; pads repeat the segment's last token.
                 pad = [offsets[i] + min(l, lengths[i] - 1) for i in short for l in range(Lmax)]
@@ -141,6 +156,8 @@ class CacheBatch:
         s = self.short
         n, L = s["n"], s["L"]
         keys = self.cache.gather(layer, s["table"])  # one copy of the group's blocks
+        if s["keep"] is not None:
+            keys = keys[:, :s["keep"]]
         out = absorbed_attention(mla, q_nope.view(n, L, *q_nope.shape[1:]), q_pe.view(n, L, *q_pe.shape[1:]),
                                  keys, s["bias"])
         return out.reshape(n * L, -1)

@@ -40,6 +40,8 @@ class LatentCache:
         self._row_blocks: dict[int, list[int]] = {}
         self._arange = torch.arange(0, device=device)
         self._workspace = torch.empty(0, block_size, latent_dim + rope_dim, dtype=dtype, device=device)
+        # Additive attention bias for a batch that needs no mask; baddbmm broadcasts it.
+        self.zero_bias = torch.zeros(1, 1, 1, device=device)
 
     # ------------------------------------------------------------ sizes
 
@@ -84,6 +86,10 @@ class LatentCache:
         blocks = self._row_blocks.pop(row)
         self._free_blocks.extend(reversed(blocks))
         self._free_rows.append(row)
+
+    def row_blocks(self, row: int) -> list[int]:
+        """The blocks a row owns, in position order (the row's block-table entries); do not modify."""
+        return self._row_blocks[row]
 
     def row_tokens(self, row: int) -> int:
         """Token positions the row's blocks cover."""
