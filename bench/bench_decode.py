@@ -3,6 +3,7 @@
     python bench/bench_decode.py              # random tiny preset, batch 1/8/32 x context 128/1024/4096
     python bench/bench_decode.py --quick      # batch 1/32 x context 128/1024, fewer tokens
     python bench/bench_decode.py --model DIR  # a trained checkpoint (its MTP layers drive speculation)
+    python bench/bench_decode.py --preset small  # a larger config, random weights
 
 Each (system, batch, context) cell runs in a fresh subprocess, so peak memory is that cell's own
 (ru_maxrss, reported as the rise over the RSS just before generation) and no allocator state
@@ -151,6 +152,7 @@ def best(results: list) -> dict | None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint directory (default: a random tiny preset saved to a temp dir)")
+    ap.add_argument("--preset", default="tiny", help="preset for the random-weight model when no --model is given")
     ap.add_argument("--quick", action="store_true", help="batch 1/32 x context 128/1024 and 16 new tokens")
     ap.add_argument("--batches", default=None, help="comma list (default 1,8,32)")
     ap.add_argument("--contexts", default=None, help="comma list (default 128,1024,4096)")
@@ -173,7 +175,7 @@ def main():
 
     import seekling
     from seekling.checkpoint import read_config
-    from seekling.presets import tiny
+    from seekling.presets import get_preset
 
     tmp = None
     if args.model:
@@ -182,12 +184,12 @@ def main():
     else:
         from seekling.model.transformer import Transformer
 
-        # The tiny preset with its RoPE table stretched to the longest context benchmarked.
-        cfg = tiny().replace(max_seq_len=max(contexts) + new + 16)
+        # The preset with its RoPE table stretched to the longest context benchmarked.
+        cfg = get_preset(args.preset).replace(max_seq_len=max(contexts) + new + 16)
         torch.manual_seed(0)
         tmp = tempfile.TemporaryDirectory()
         Transformer(cfg).save(tmp.name)
-        model_dir, name = tmp.name, "random tiny preset"
+        model_dir, name = tmp.name, f"random {args.preset} preset"
     n_params = seekling.load(model_dir).num_params()
     print(f"decode benchmark: {name} ({n_params / 1e6:.1f}M params, fp32), torch {torch.__version__}, "
           f"{args.threads} threads, {new} new tokens per sequence, greedy; load average {os.getloadavg()[0]:.1f}")
