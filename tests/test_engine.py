@@ -333,3 +333,35 @@ def test_bf16_model_decodes_like_its_reference():
     outs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     assert eng.cache.pool.dtype == torch.bfloat16
     assert [o.output_ids for o in outs] == [reference_greedy(model, p, 10) for p in ps]
+
+
+def test_stop_strings_decode_only_a_tail(model):
+    """The stop-string check decodes a bounded tail per token, not the whole output (which was quadratic)."""
+    lengths = []
+
+    def decode(ids):
+        lengths.append(len(ids))
+        return "".join(chr(97 + t % 26) for t in ids)
+
+    p = prompts(1, seed=9)[0]
+    eng = Engine(model, EngineConfig(kv_cache_tokens=1024), decode=decode)
+    out = eng.generate([p], SamplingParams(temperature=0, max_tokens=120, stop=["0never"], ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.output_ids) == 120
+    assert lengths[-1] == 120  # the final text, decoded once
+    assert max(lengths[:-1]) <= 4 * (len("0never") + 1 + 8)
+
+
+def test_stop_strings_found_when_tokens_decode_to_nothing(model):
+    """Tokens with empty text make the tail window grow until it holds enough characters."""
+    def decode(ids):  # only every third token id writes a letter
+        return "".join(chr(97 + t % 26) for t in ids if t % 3 == 0)
+
+    p = prompts(1, seed=9)[0]
+    ref = reference_greedy(model, p, 60)
+    full = decode(ref)
+    assert len(full) >= 6, "the reference output writes too few letters for this test"
+    stop = full[len(full) // 2 - 2: len(full) // 2 + 1]
+    out = Engine(model, EngineConfig(kv_cache_tokens=1024), decode=decode).generate(
+        [p], SamplingParams(temperature=0, max_tokens=60, stop=[stop], ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full[:full.find(stop)]

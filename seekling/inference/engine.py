@@ -332,11 +332,25 @@ class Engine:
         return event
 
     def _stop_string(self, seq: Sequence) -> str | None:
-        # Only the tail can hold a new match: the longest stop string plus the newest token's text.
-        text = self.decode(seq.output_ids)
-        window = text[-(max(map(len, seq.params.stop)) + len(self.decode(seq.output_ids[-1:])) + 8):]
-        hits = [s for s in seq.params.stop if s in window]
-        return min(hits, key=text.find) if hits else None
+        """A stop string that the newest token completed, if any.
+
+        A new match ends inside the newest token's text and is at most the longest stop string
+        long, so only a tail of the output is decoded: the cost per token stays constant however
+        long the output grows (decoding the whole output every token was quadratic). The window
+        grows only if the tail decodes to too few characters (e.g. tokens that decode to nothing).
+        """
+        ids, stops = seq.output_ids, seq.params.stop
+        need = max(map(len, stops)) + len(self.decode(ids[-1:])) + 8
+        m = need
+        while True:
+            text = self.decode(ids[-m:])
+            # +4: the window's first characters may be a UTF-8 sequence cut by the window's edge.
+            if m >= len(ids) or len(text) >= need + 4:
+                break
+            m *= 2
+        window = text[-need:]
+        hits = [s for s in stops if s in window]
+        return min(hits, key=window.find) if hits else None
 
     def _finalize_text(self, seq: Sequence):
         if self.decode is None:
