@@ -9,6 +9,7 @@ template does: earlier turns keep only their answers).
 
 from __future__ import annotations
 
+import codecs
 import sys
 from pathlib import Path
 
@@ -38,18 +39,19 @@ def load_model_dir(model_dir: str):
 
 
 class TextStream:
-    """Incremental detokenisation: feed token ids, get the newly completed text."""
+    """Incremental detokenisation: feed token ids, get the newly completed text.
+
+    Token bytes go through an incremental UTF-8 decoder, which keeps a character cut between
+    tokens until its last byte arrives; each token costs the same however long the text grows.
+    (The server's `ChoiceText` does the same, plus stop strings and the reasoning split.)
+    """
 
     def __init__(self, tok: SeeklingTokenizer):
-        self.tok, self.ids, self.emitted = tok, [], 0
+        self.tok = tok
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return ""
-        new, self.emitted = text[self.emitted:], len(text)
-        return new
+        return self._utf8.decode(self.tok.token_bytes(token_id))
 
 
 def sampling_from_args(args, stop_token_ids=()) -> SamplingParams:

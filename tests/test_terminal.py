@@ -70,3 +70,18 @@ def test_inspect(model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "layer 1" in out and "expert usage" in out and "' be'" in out
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_text_stream_reassembles_characters_split_across_tokens():
+    """Pieces pushed one token at a time join into the full decode, with no half characters shown."""
+    from seekling.terminal import TextStream
+
+    tok = load_default_tokenizer()
+    text = "Ünïcödé — 東京 🙂 and <think> plain"
+    ids = tok.encode(text)
+    assert any(not tok.token_bytes(i).decode("utf-8", errors="ignore") == tok.token_bytes(i).decode("utf-8", "replace")
+               for i in ids), "the sample should split a character across tokens"
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
