@@ -216,8 +216,13 @@ def hf_key_map(cfg: ModelConfig, model_keys) -> dict[str, str]:
 
 # ---------------------------------------------------------------- save
 
-def save(model, path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype | None = None):
+def save(model, path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype | None = None,
+         stop_token_ids: tuple[int, ...] = ()):
     """Write config.json, generation_config.json and safetensors weights into directory `path`.
+
+    `stop_token_ids` are ids besides eos that end a generation (a chat model's end-of-turn):
+    generation_config.json then lists them all as `eos_token_id`, which is how transformers'
+    `generate` and vLLM learn to stop there.
 
     Each file is written under a temporary name and renamed into place, weights before config, so
     a crash never leaves a truncated file where a good one was; other files in the directory (a
@@ -259,7 +264,8 @@ def save(model, path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.d
         _atomic_write_text(path / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True))
         written.append(SAFE_INDEX)
     cfg = model.cfg
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
+    eos = [cfg.eos_token_id] + [t for t in stop_token_ids if t != cfg.eos_token_id]
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos if len(eos) > 1 else eos[0], "do_sample": False}
     _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2))
     _atomic_write_text(path / "config.json", json.dumps(config_to_hf(cfg, weight_dtype), indent=2, sort_keys=True))
     for stale in old_files - set(written):  # weights of an earlier save with a different layout

@@ -47,3 +47,23 @@ def test_greedy_matches_transformers_generate(variant, tmp_path):
                              pad_token_id=0)[0, len(p):].tolist()
         assert len(theirs) == n_new
         assert o.output_ids == theirs
+
+
+@torch.no_grad()
+def test_transformers_generate_stops_at_saved_stop_ids(tmp_path):
+    """generation_config.json lists the end-of-turn id with eos, so transformers' generate stops there."""
+    from transformers import GenerationConfig
+
+    model = Transformer(ModelConfig(**(CFG | dict(eos_token_id=1, bos_token_id=0)))).eval()
+    ids = torch.tensor([[0, 11, 12, 13]])
+    h = model.hidden(ids)[0, -1]
+    model.head.weight[6] = 100 * h / h.norm()  # id 6 (end of turn) becomes the greedy next token
+    model.save(tmp_path, stop_token_ids=(6,))
+    assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == [1, 6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=2)
+    assert out[0, 4:].tolist() == [6]
+    model.save(tmp_path)  # without extra stop ids the file keeps a single eos, as DeepSeek's own
+    assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == 1

@@ -174,7 +174,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, tokenizer, state: dict, kee
     final, tmp = run_dir / name, run_dir / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
     tmp.mkdir(parents=True)
-    model.save(tmp)
+    model.save(tmp, stop_token_ids=(tokenizer.eot_id,))  # chat turns end at <|end_of_turn|>
     tokenizer.save(tmp)
     tensors = _optimizer_tensors(model, optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
