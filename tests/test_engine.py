@@ -5,6 +5,7 @@ import torch
 
 from seekling.config import ModelConfig
 from seekling.inference import Engine, EngineConfig, SamplingParams
+from seekling.inference import attention as attention_module
 from seekling.inference.attention import CacheBatch
 from seekling.inference.kv_cache import LatentCache
 from seekling.model.transformer import Transformer
@@ -123,9 +124,13 @@ def test_absorbed_decode_matches_naive_over_200_tokens(model):
     assert (full - logits["absorbed"]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
 @torch.no_grad()
-def test_batched_decode_of_unequal_segments_matches_full_forward(model):
-    """The padded short-segment path: three sequences feeding 3, 1 and 5 tokens at different offsets."""
+def test_batched_decode_of_unequal_segments_matches_full_forward(model, chunk_bytes, monkeypatch):
+    """The padded short-segment path: three sequences feeding 3, 1 and 5 tokens at different offsets;
+    also with the batch attended one sequence at a time (the cache-sized chunks of a large batch)."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(attention_module, "KEY_CHUNK_BYTES", chunk_bytes)
     cfg = model.cfg
     cache = LatentCache(n_layers=cfg.n_layers, n_blocks=64, block_size=4, latent_dim=cfg.kv_lora_rank,
                         rope_dim=cfg.qk_rope_head_dim, max_seqs=3, max_blocks_per_seq=16)
@@ -147,12 +152,22 @@ def test_batched_decode_of_unequal_segments_matches_full_forward(model):
 
 # ---------------------------------------------------------------- engine vs the reference decoder
 
-@pytest.mark.parametrize("attention", ["absorbed", "naive"])
-def test_engine_greedy_matches_reference(model, attention):
+@pytest.mark.parametrize("attention", ["absorbed", "naive", "absorbed-chunked"])
+def test_engine_greedy_matches_reference(model, attention, monkeypatch):
+    chunked = attention == "absorbed-chunked"
+    if chunked:  # decode attention in chunks of two sequences
+        per_seq = 4 * 8 * (model.cfg.kv_lora_rank + model.cfg.qk_rope_head_dim) * 4  # 4 blocks of 8 tokens, fp32
+        monkeypatch.setattr(attention_module, "KEY_CHUNK_BYTES", 2 * per_seq)
+        attention = "absorbed"
     ps = prompts(5)
     eng = Engine(model, EngineConfig(block_size=8, max_batch_tokens=32, max_seqs=8, kv_cache_tokens=2048,
                                      attention=attention))
+    gathered = []  # sequences per gather: how the short path split its batch
+    real_gather = eng.cache.gather
+    monkeypatch.setattr(eng.cache, "gather", lambda layer, table: gathered.append(table.shape[0]) or real_gather(layer, table))
     outs = eng.generate(ps, GREEDY)
+    if attention == "absorbed":
+        assert max(gathered) == (2 if chunked else 5)
     for p, o in zip(ps, outs):
         assert o.output_ids == reference_greedy(model, p, GREEDY.max_tokens)
         assert o.finish_reason == "length" and len(o.logprobs) == GREEDY.max_tokens
