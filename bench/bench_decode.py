@@ -236,9 +236,11 @@ def main():
         for b in [bb for bb in (1, 8) if bb in batches] or batches[:1]:
             ctx = contexts[0]
             job = dict(model_dir=model_dir, batch=b, ctx=ctx, new=max(new, 32), threads=args.threads)
-            plain = best([launch(system="seekling", **job) for _ in range(args.repeats)])
-            for k in specs:
-                s = best([launch(system="seekling", spec=k, **job) for _ in range(args.repeats)])
+            # Interleaved (plain, k=1, k=2, plain, ...) so a drift in machine speed hits all alike.
+            runs = [[launch(system="seekling", spec=k, **job) for k in [0] + specs] for _ in range(args.repeats)]
+            plain = best([r[0] for r in runs])
+            for i, k in enumerate(specs, start=1):
+                s = best([r[i] for r in runs])
                 if plain and s:
                     print(f"| {b} | {ctx} | {k} | {plain['tok_s']:.1f} | {s['tok_s']:.1f} | "
                           f"{s['tok_s'] / plain['tok_s']:.2f}x | {s['acceptance']:.1%} |")
