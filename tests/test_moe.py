@@ -111,3 +111,9 @@ def test_few_pairs_path_matches_loop(dtype, tol, n_tokens, monkeypatch):
     assert (y0 - y1).abs().max() <= tol * y1.abs().max()
     assert (gx0 - gx1).abs().max() <= tol * gx1.abs().max()
     assert (gw0 - gw1).abs().max() <= tol * gw1.abs().max()
+
+
+def test_empty_input_gives_empty_output():
+    """Zero tokens route nowhere: an empty result, not an error from the per-pair path."""
+    moe = make_moe()
+    assert moe(torch.randn(2, 0, CFG.dim)).shape == (2, 0, CFG.dim)

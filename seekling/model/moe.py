@@ -58,7 +58,7 @@ class Gate(nn.Module):
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores + self.e_score_correction_bias
         if self.n_groups > 1:
-            grouped = choice.view(x.shape[0], self.n_groups, -1)
+            grouped = choice.view(x.shape[0], self.n_groups, choice.shape[-1] // self.n_groups)
             group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # (N,G)
             keep = group_scores.topk(self.topk_groups, dim=-1)[1]
             drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
@@ -93,7 +93,7 @@ class Experts(nn.Module):
         dtype = _compute_dtype(x, self.w13)
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         # CPU only: reading the expert ids back (tolist) would stall a GPU's stream every layer.
-        if x.device.type == "cpu" and N * K <= self.w13.shape[0] // 2:
+        if x.device.type == "cpu" and 0 < N * K <= self.w13.shape[0] // 2:
             return self._forward_few(x, weights, idx, dtype).to(out_dtype)
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # (S,) pairs sorted by expert
