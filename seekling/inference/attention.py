@@ -49,11 +49,11 @@ KEY_CHUNK_BYTES = 3 * 2**20
 
 
 def absorbed_attention(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, keys, bias: torch.Tensor,
-                       chunk: int | None = None) -> torch.Tensor:
+                       chunk: int) -> torch.Tensor:
     """q_nope (n,L,H,N_d), q_pe (n,L,H,R), bias (n, 1 or L*H, S) additive -> (n,L,H,V).
 
-    `keys` is (n,S,D), or a function (i, j) -> keys of sequences i..j-1, called per `chunk`
-    sequences so a large batch's latents are gathered and used chunk by chunk.
+    `keys(i, j)` returns the cache entries (j-i, S, D) of sequences i..j-1; it is called once per
+    `chunk` sequences, so a large batch's latents are gathered and used chunk by chunk.
     Scores, softmax and the latent-space output are fp32 whatever the model dtype (a no-op for fp32
     models): a bf16 softmax over thousands of positions loses the small weights.
     """
@@ -63,12 +63,10 @@ def absorbed_attention(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, keys, bias
     # (H, n*L, N_d) @ (H, N_d, C): one batched matmul over heads moves every query into latent space.
     q_lat = torch.bmm(q_nope.reshape(n * L, H, -1).transpose(0, 1), w_uk).transpose(0, 1)
     q = torch.cat((q_lat.float(), q_pe.reshape(n * L, H, -1).float()), dim=-1).view(n, L * H, -1)
-    get = keys if callable(keys) else (lambda i, j: keys[i:j])
-    chunk = chunk or n
     parts = []
     for i in range(0, n, chunk):
         j = min(n, i + chunk)
-        k = get(i, j).float()
+        k = keys(i, j).float()
         scores = torch.baddbmm(bias[i:j] if bias.shape[0] > 1 else bias, q[i:j], k.transpose(1, 2),
                                alpha=mla.softmax_scale)  # (j-i, L*H, S)
         # Multiply by the whole entry and drop the rope columns after: cheaper than copying k[..., :C].
@@ -129,11 +127,7 @@ class CacheBatch:
                 bias = torch.zeros(n, Lmax, S).masked_fill_(cache.arange(S)[None, None] > q_pos[..., None], float("-inf"))
                 bias = bias.view(n, 1, S) if Lmax == 1 else (
                     bias[:, :, None, :].expand(n, Lmax, n_heads, S).reshape(n, Lmax * n_heads, S))
-            if decode and short == list(range(n)):
-                W = S // P
-                table = torch.tensor([(cache.row_blocks(r) + [0] * W)[:W] for r in rows])
-            else:
-                table = cache.block_table[torch.tensor([rows[i] for i in short]), :S // P]
+            table = cache.block_table[torch.tensor([rows[i] for i in short]), :S // P]
             self.short = dict(n=n, L=Lmax, table=table, bias=bias, gather=None, keep=keep)
             if short != list(range(n)) or any(lengths[i] != Lmax for i in short):
                 # Packed index of every padded (segment, l) slot; pads repeat the segment's last token.
