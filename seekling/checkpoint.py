@@ -264,8 +264,10 @@ def save(model, path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.d
         _atomic_write_text(path / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True))
         written.append(SAFE_INDEX)
     cfg = model.cfg
-    eos = [cfg.eos_token_id] + [t for t in stop_token_ids if t != cfg.eos_token_id]
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos if len(eos) > 1 else eos[0], "do_sample": False}
+    # A model without an eos id lists only the extra stop ids; one id stays a plain number, as DeepSeek writes it.
+    eos = list(dict.fromkeys(t for t in (cfg.eos_token_id, *stop_token_ids) if t is not None))
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos if len(eos) > 1 else (eos[0] if eos else None),
+           "do_sample": False}
     _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2))
     _atomic_write_text(path / "config.json", json.dumps(config_to_hf(cfg, weight_dtype), indent=2, sort_keys=True))
     for stale in old_files - set(written):  # weights of an earlier save with a different layout

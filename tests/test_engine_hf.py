@@ -67,3 +67,5 @@ def test_transformers_generate_stops_at_saved_stop_ids(tmp_path):
     assert out[0, 4:].tolist() == [6]
     model.save(tmp_path)  # without extra stop ids the file keeps a single eos, as DeepSeek's own
     assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == 1
+    Transformer(ModelConfig(**CFG)).save(tmp_path, stop_token_ids=(6,))  # a model with no eos of its own
+    assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == 6
