@@ -92,6 +92,8 @@ class Experts(nn.Module):
         N, K = idx.shape
         dtype = _compute_dtype(x, self.w13)
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if torch.compiler.is_compiling():
+            return self._forward_gathered(x, weights, idx, dtype).to(out_dtype)
         # CPU only: reading the expert ids back (tolist) would stall a GPU's stream every layer.
         if x.device.type == "cpu" and 0 < N * K <= self.w13.shape[0] // 2:
             return self._forward_few(x, weights, idx, dtype).to(out_dtype)
@@ -125,6 +127,20 @@ class Experts(nn.Module):
                 y = y + F.linear(h[k], self.w2[experts[k]].to(dtype))
             outs.append(y)
         return torch.stack(outs)
+
+    def _forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, dtype) -> torch.Tensor:
+        """Every (token, expert) pair as an indexed mat-vec: the form the compiled decode step uses.
+
+        Written as multiply-and-sum over `w13[idx]` so that Inductor fuses the indexing into the
+        reduction and reads each chosen expert's rows in place (nothing is copied, no Python per
+        expert, no data-dependent shapes). Run eagerly it would materialise the (N, K, 2I, D)
+        product: it is only for compiled graphs of a few tokens.
+        """
+        I = self.w2.shape[-1]
+        xs = x.to(dtype)
+        h = (self.w13[idx].to(dtype) * xs[:, None, None, :]).sum(-1)  # (N, K, 2I)
+        h = F.silu(h[..., :I]) * h[..., I:] * weights[..., None].to(dtype)
+        return (self.w2[idx].to(dtype) * h[:, :, None, :]).sum((1, 3))  # (N, D)
 
     def forward_loop(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Reference: one plain matmul per expert over the tokens routed to it."""
