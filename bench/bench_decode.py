@@ -4,6 +4,10 @@
     python bench/bench_decode.py --quick      # batch 1/32 x context 128/1024, fewer tokens
     python bench/bench_decode.py --model DIR  # a trained checkpoint (its MTP layers drive speculation)
     python bench/bench_decode.py --preset small  # a larger config, random weights
+    python bench/bench_decode.py --eager      # seekling without its compiled decode step
+
+seekling runs with EngineConfig(compile=True) unless --eager: its warm-up (the compile, from
+Inductor's on-disk cache after the first run) is reported and not timed.
 
 Each (system, batch, context) cell runs in a fresh subprocess, so peak memory is that cell's own
 (ru_maxrss, reported as the rise over the RSS just before generation) and no allocator state
@@ -45,7 +49,7 @@ def prompts(batch: int, ctx: int, vocab: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- workers (one per subprocess)
 
-def run_seekling(model_dir: str, batch: int, ctx: int, new: int, spec: int) -> dict:
+def run_seekling(model_dir: str, batch: int, ctx: int, new: int, spec: int, compile: bool) -> dict:
     import seekling
     from seekling.inference import Engine, EngineConfig, SamplingParams
 
@@ -53,7 +57,11 @@ def run_seekling(model_dir: str, batch: int, ctx: int, new: int, spec: int) -> d
     ids = prompts(batch, ctx, model.cfg.vocab_size).tolist()
     base = rss_mb()
     eng = Engine(model, EngineConfig(max_seqs=batch, max_batch_tokens=max(2048, batch * (1 + spec)),
-                                     kv_cache_tokens=batch * (ctx + new + spec + 64), speculative_tokens=spec))
+                                     kv_cache_tokens=batch * (ctx + new + spec + 64), speculative_tokens=spec,
+                                     compile=compile))
+    t = time.perf_counter()
+    eng.warm_up((1,) if batch == 1 else (2,))  # the compile happens here, untimed (from Inductor's cache if warm)
+    compile_s = time.perf_counter() - t
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     for p in ids:
         eng.add_request(p, params)
@@ -68,11 +76,12 @@ def run_seekling(model_dir: str, batch: int, ctx: int, new: int, spec: int) -> d
         n_tok += len(eng.step())
         times.append(time.perf_counter() - t)
     step = median(times)
-    return dict(tok_s=n_tok / len(times) / step, ms_step=step * 1e3, prefill_s=t0 - t_prefill, peak_mb=peak_mb(),
+    return dict(tok_s=n_tok / len(times) / step, ms_step=step * 1e3, prefill_s=t0 - t_prefill, compile_s=compile_s,
+                peak_mb=peak_mb(),
                 rise_mb=peak_mb() - base, acceptance=eng.acceptance_rate, kv_bytes=eng.cache.bytes_per_token)
 
 
-def run_transformers(model_dir: str, batch: int, ctx: int, new: int, spec: int) -> dict:
+def run_transformers(model_dir: str, batch: int, ctx: int, new: int, spec: int, compile: bool) -> dict:
     from transformers import DeepseekV3ForCausalLM, LogitsProcessor, LogitsProcessorList
     from transformers.utils import logging as hf_logging
 
@@ -129,7 +138,8 @@ def worker(spec_json: str):
     job = json.loads(spec_json)
     torch.set_num_threads(job["threads"])
     fn = run_seekling if job["system"] == "seekling" else run_transformers
-    print("RESULT " + json.dumps(fn(job["model_dir"], job["batch"], job["ctx"], job["new"], job.get("spec", 0))))
+    print("RESULT " + json.dumps(fn(job["model_dir"], job["batch"], job["ctx"], job["new"], job.get("spec", 0),
+                                    job.get("compile", False))))
 
 
 def launch(**job) -> dict | None:
@@ -163,6 +173,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1, help="runs per cell, alternating systems; the best is kept")
     ap.add_argument("--no-transformers", action="store_true", help="seekling only")
+    ap.add_argument("--eager", action="store_true", help="seekling without its compiled decode step (EngineConfig.compile)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -201,14 +212,14 @@ def main():
             continue
         for b in batches:
             job = dict(model_dir=model_dir, batch=b, ctx=ctx, new=new, threads=args.threads)
-            runs = [(launch(system="seekling", **job), None if args.no_transformers else launch(system="transformers", **job))
+            runs = [(launch(system="seekling", compile=not args.eager, **job), None if args.no_transformers else launch(system="transformers", **job))
                     for _ in range(args.repeats)]
             ours, theirs = best([o for o, _ in runs]), best([t for _, t in runs])
             rows.append((b, ctx, ours, theirs))
             fmt = lambda r, k, f: (f % r[k]) if r and r.get(k) is not None else "-"
             ratio = f"{ours['tok_s'] / theirs['tok_s']:.2f}x" if ours and theirs else "-"
             print(f"  batch {b:>3} ctx {ctx:>5}: seekling {fmt(ours, 'tok_s', '%.1f')} tok/s "
-                  f"({fmt(ours, 'ms_step', '%.1f')} ms/step), transformers {fmt(theirs, 'tok_s', '%.1f')} tok/s "
+                  f"({fmt(ours, 'ms_step', '%.1f')} ms/step, warm-up {fmt(ours, 'compile_s', '%.1f')} s), transformers {fmt(theirs, 'tok_s', '%.1f')} tok/s "
                   f"({fmt(theirs, 'ms_step', '%.1f')} ms/step): {ratio}", flush=True)
 
     print("\n| batch | context | seekling tok/s | transformers tok/s | speed-up | seekling peak MB (rise) | transformers peak MB (rise) |")
@@ -230,20 +241,23 @@ def main():
              if measured_hf else ""))
 
     if specs and cfg.n_mtp_layers:
-        print("\nMTP self-speculative decoding (greedy, output identical to plain decoding):")
-        print("| batch | context | draft tokens | plain tok/s | speculative tok/s | speed-up | acceptance |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print("\nMTP self-speculative decoding (greedy, output identical to plain decoding). Verification and "
+              "drafting run eager, so both columns are eager steps; the compiled plain step is shown beside them:")
+        print("| batch | context | draft tokens | plain tok/s | speculative tok/s | speed-up | acceptance | compiled plain tok/s |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for b in [bb for bb in (1, 8) if bb in batches] or batches[:1]:
             ctx = contexts[0]
             job = dict(model_dir=model_dir, batch=b, ctx=ctx, new=max(new, 32), threads=args.threads)
             # Interleaved (plain, k=1, k=2, plain, ...) so a drift in machine speed hits all alike.
-            runs = [[launch(system="seekling", spec=k, **job) for k in [0] + specs] for _ in range(args.repeats)]
-            plain = best([r[0] for r in runs])
+            runs = [[launch(system="seekling", spec=k, **job) for k in [0] + specs]
+                    + [launch(system="seekling", compile=True, **job)] for _ in range(args.repeats)]
+            plain, compiled = best([r[0] for r in runs]), best([r[-1] for r in runs])
             for i, k in enumerate(specs, start=1):
                 s = best([r[i] for r in runs])
                 if plain and s:
                     print(f"| {b} | {ctx} | {k} | {plain['tok_s']:.1f} | {s['tok_s']:.1f} | "
-                          f"{s['tok_s'] / plain['tok_s']:.2f}x | {s['acceptance']:.1%} |")
+                          f"{s['tok_s'] / plain['tok_s']:.2f}x | {s['acceptance']:.1%} | "
+                          + (f"{compiled['tok_s']:.1f} |" if compiled else "- |"))
     elif specs:
         print("\n(speculative decoding skipped: the model has no MTP layers)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes share these cores)")

@@ -116,7 +116,8 @@ def cmd_serve(args) -> None:
 
     run_server(args.model, host=args.host, port=args.port, api_key=args.api_key,
                max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-               model_name=args.model_name, torch_threads=args.threads)
+               model_name=args.model_name, torch_threads=args.threads,
+               engine_options=(("compile", True),) if args.compile else ())
 
 
 def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
@@ -133,6 +134,9 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: 
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop string; repeat for several")
     g.add_argument("--speculative", type=int, default=None, metavar="K",
                    help="MTP self-speculative decoding with K draft tokens (needs a model with MTP layers)")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile: ~2x faster tokens after a one-off compile "
+                        "(~1 min cold, seconds once cached)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     serve.add_argument("--model-name", default=None, help="model id (default: directory name)")
     serve.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs - 1)")
+    serve.add_argument("--compile", action="store_true",
+                       help="compile the decode step before listening (~1 min cold): about 2x the tokens/s of eager")
     serve.set_defaults(func=cmd_serve)
     return p
 

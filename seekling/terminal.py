@@ -62,10 +62,17 @@ def sampling_from_args(args, stop_token_ids=()) -> SamplingParams:
         stop_token_ids=tuple(stop_token_ids))
 
 
+def warm_up(engine: Engine, batches: tuple[int, ...]) -> None:
+    if engine.config.compile:
+        print("compiling the decode step (once; cached on disk for later runs)...", file=sys.stderr, flush=True)
+        engine.warm_up(batches)
+
+
 def run_generate(args) -> None:
     model, tok = load_model_dir(args.model)
     k = args.speculative if args.speculative is not None else 0
-    engine = Engine(model, EngineConfig(speculative_tokens=k), decode=tok.decode)
+    engine = Engine(model, EngineConfig(speculative_tokens=k, compile=args.compile), decode=tok.decode)
+    warm_up(engine, (1,))
     ids = [tok.bos_id] + tok.encode(args.prompt)
     params = sampling_from_args(args)
     out = sys.stdout
@@ -88,7 +95,8 @@ def run_chat(args) -> None:
     from rich.console import Console
 
     model, tok = load_model_dir(args.model)
-    engine = Engine(model, EngineConfig(speculative_tokens=args.speculative or 0), decode=tok.decode)
+    engine = Engine(model, EngineConfig(speculative_tokens=args.speculative or 0, compile=args.compile), decode=tok.decode)
+    warm_up(engine, (1,))
     console = Console(highlight=False)
     console.print(f"[bold]seekling chat[/] - {args.model} ({model.cfg.n_layers} layers). "
                   "Type a message; /reset clears the history, /exit quits.")

@@ -52,3 +52,13 @@ def test_stats_match_the_real_model(preset):
     assert s.total_params == m.num_params()
     assert s.active_params == m.num_params(active=True)
     assert s.kv_latent_bytes_per_token == cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
+
+
+@pytest.mark.parametrize("flags, options", [([], ()), (["--compile"], (("compile", True),))])
+def test_serve_passes_compile_to_the_engine(monkeypatch, flags, options):
+    import seekling.serve
+
+    seen = {}
+    monkeypatch.setattr(seekling.serve, "run_server", lambda model, **kw: seen.update(kw))
+    assert main(["serve", "--model", "some/dir", *flags]) == 0
+    assert seen["engine_options"] == options

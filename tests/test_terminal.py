@@ -23,9 +23,12 @@ def model_dir(tmp_path_factory):
     return d
 
 
-def test_generate_streams_the_engines_greedy_tokens(model_dir, capsys):
-    assert main(["generate", "--model", str(model_dir), "ROMEO:", "--temperature", "0", "--max-tokens", "12"]) == 0
-    out = capsys.readouterr().out
+@pytest.mark.parametrize("flags", [[], ["--compile"]])
+def test_generate_streams_the_engines_greedy_tokens(model_dir, capsys, flags):
+    assert main(["generate", "--model", str(model_dir), "ROMEO:", "--temperature", "0", "--max-tokens", "12", *flags]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert ("compiling the decode step" in captured.err) == bool(flags)
     import seekling
 
     tok = load_default_tokenizer()

@@ -17,7 +17,8 @@ own `hidden` (embedding, RoPE, blocks, residuals, norms); only two things differ
   the reduction, so no expert weight is copied (grouped_mm has no fp32 CPU lowering).
 
 Batch size and context length are dynamic, so one compile serves every decode step (Inductor
-specialises n = 1 separately: two compiles in all, ~30 s each cold, seconds from its on-disk cache).
+specialises n = 1 separately: two compiles in all, ~30 s each cold, seconds from its on-disk cache;
+`Engine.warm_up` runs both before the first request).
 Prefill chunks, draft verification, MTP drafting and long contexts (see MAX_KEY_BYTES) stay eager.
 """
 
@@ -91,7 +92,9 @@ class CompiledDecode:
         """Run one step and store its latents; returns the hidden states (n, dim)."""
         cache, P = self.cache, self.cache.block_size
         pos = torch.tensor(positions)
-        width = (max(positions) + P) // P  # blocks that cover every sequence's new position
+        # Blocks that cover every sequence's new position, at least 2: Inductor specialises a size-1
+        # dimension, and a width of 1 would cost a second compile for the first 32 tokens.
+        width = min(max(2, (max(positions) + P) // P), cache.block_table.shape[1])
         table = cache.block_table[torch.tensor(rows), :width]
         h, entries = self._fn(self.model, torch.tensor(ids), pos, cache.pool, table)
         slots = torch.tensor([cache.row_blocks(r)[p // P] * P + p % P for r, p in zip(rows, positions)])

@@ -234,6 +234,16 @@ class Engine:
             self.cancel(rid)
             self._requests.pop(rid, None)
 
+    def warm_up(self, batches: tuple[int, ...] = (1, 2)):
+        """Compile the decode step now, instead of in the middle of the first requests (a server calls
+        this before it listens). One graph serves batch 1, another every larger batch: warm (1,) for
+        a single stream. A no-op unless compile=True."""
+        if self._compiled is None:
+            return
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        for n in batches:
+            self.generate([[0]] * n, params)
+
     @property
     def acceptance_rate(self) -> float:
         """Fraction of MTP draft tokens accepted so far (0 when nothing was drafted)."""

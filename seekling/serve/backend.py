@@ -141,6 +141,7 @@ class Backend:
         per_step = options["max_seqs"] * (1 + options.get("speculative_tokens", 0))
         options.setdefault("max_batch_tokens", max(512, per_step))
         engine = Engine(model, EngineConfig(**options), decode=lambda ids: render_text(tokenizer, ids))
+        engine.warm_up()  # with compile=True: compile before the first client waits on it
         assert MAX_TOP_LOGPROBS >= protocol.MAX_TOP_LOGPROBS, "the engine reports fewer alternatives than OpenAI allows"
         return cls(engine, tokenizer, model_name=cfg.served_name, max_concurrency=cfg.max_concurrency,
                    max_queue=cfg.max_queue, max_n=cfg.max_n)
