@@ -80,3 +80,14 @@ def test_compile_option_is_validated():
         EngineConfig(compile="yes")
     with pytest.raises(ValueError, match="EngineConfig.compile.*naive"):
         EngineConfig(compile=True, attention="naive")
+
+
+def test_missing_cxx_compiler_is_a_clear_error(model, monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def missing():
+        raise RuntimeError("No working C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler.*without --compile"):
+        Engine(model, EngineConfig(compile=True))
