@@ -90,13 +90,13 @@ class CompiledDecode:
         if cache.pool.device.type == "cpu":
             _need_cxx()
         # cpp_wrapper: the graph's kernel calls are issued from C++, not Python (2.5 vs 2.9 ms a step,
-        # tiny preset, batch 1). The guard filter: Dynamo would otherwise re-check every parameter of
-        # the model on each call (~0.2 ms a step at batch 1). Safe here: this object is bound to one model, whose parameters are
-        # graph inputs (in-place weight updates are seen); `isolate_recompiles` keeps another
-        # engine's model from ever matching this one's graphs.
-        # Sizes are marked dynamic one by one (in __call__) rather than with dynamic=True, which would
-        # also turn every Python float the model reads (norm eps, softmax scale) into a tensor input
-        # converted on each call (26 conversions, ~0.15 ms a step).
+        # tiny preset, batch 1). The guard filter: Dynamo would otherwise re-check every parameter
+        # of the model on each call (~0.2 ms a step at batch 1). Safe here: this object is bound to
+        # one model, whose parameters are graph inputs (in-place weight updates are seen), and
+        # `isolate_recompiles` keeps another engine's model from ever matching this one's graphs.
+        # Sizes are marked dynamic one by one (in __call__) rather than with dynamic=True, which
+        # would also turn every Python float the model reads (norm eps, softmax scale) into a tensor
+        # input converted on each call (26 conversions, ~0.15 ms a step).
         self._fn = torch.compile(decode_hidden, isolate_recompiles=True,
                                  options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
                                           "cpp_wrapper": True})

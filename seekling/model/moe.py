@@ -134,7 +134,9 @@ class Experts(nn.Module):
         Written as multiply-and-sum over `w13[idx]` so that Inductor fuses the indexing into the
         reduction and reads each chosen expert's rows in place (nothing is copied, no Python per
         expert, no data-dependent shapes). Run eagerly it would materialise the (N, K, 2I, D)
-        product: it is only for compiled graphs of a few tokens.
+        product: it is for compiled graphs of one token per sequence. Measured compiled, one MoE
+        layer of the demo model at 32 tokens: 1.3-1.5 ms, against 1.7 ms eager grouped_mm and
+        2.9 ms for a dense GEMM over every expert.
         """
         I = self.w2.shape[-1]
         xs = x.to(dtype)
