@@ -1,6 +1,7 @@
 """The HTTP server under concurrent streaming clients: aggregate output tokens/s and time to first token.
 
     python bench/bench_serve.py [--model DIR] [--clients 1,8,32] [--seconds 5] [--rounds 3] [--max-tokens 64]
+    python bench/bench_serve.py --compile   # server and engine peer with the compiled decode step
 
 The server runs as its own process (`python -m seekling.serve`), as in production, so clients
 and server do not share a GIL. Each level runs N clients that send streaming chat requests back
@@ -102,7 +103,7 @@ async def run_level(port: int, clients: int, seconds: float, max_tokens: int) ->
 class EnginePeer:
     """Engine.generate on `batch` copies of the bench prompt, no HTTP: what the server is measured against."""
 
-    def __init__(self, model_dir: str, max_batch: int, max_tokens: int):
+    def __init__(self, model_dir: str, max_batch: int, max_tokens: int, compile: bool):
         import torch
 
         from seekling.checkpoint import load
@@ -115,7 +116,9 @@ class EnginePeer:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         model = load(model_dir, dtype=None if cpu_has_fast_bf16() else torch.float32)
         self.prompt = SeeklingTokenizer.load(model_dir).apply_chat_template(PROMPT)
-        self.engine = Engine(model, EngineConfig(max_seqs=max(64, max_batch), max_batch_tokens=max(512, max_batch)))
+        self.engine = Engine(model, EngineConfig(max_seqs=max(64, max_batch), max_batch_tokens=max(512, max_batch),
+                                                 compile=compile))
+        self.engine.warm_up()
         self.params = SamplingParams(max_tokens=max_tokens, temperature=0.8, ignore_eos=True)
         self.engine.generate([self.prompt], self.params)  # warm-up
 
@@ -132,21 +135,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: str, port: int, max_concurrency: int) -> subprocess.Popen:
+def start_server(model_dir: str, port: int, max_concurrency: int, compile: bool) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "seekling.serve", "--model", model_dir, "--port", str(port), "--model-name", "bench",
-           "--max-concurrency", str(max_concurrency)]
+           "--max-concurrency", str(max_concurrency)] + (["--compile"] if compile else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    started = time.monotonic()
+    deadline = started + (600 if compile else 120)  # a cold compile takes a minute or two
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited during startup:\n{proc.stderr.read()}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+            print(f"server ready after {time.monotonic() - started:.1f} s", flush=True)
             return proc
         except OSError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("the server did not answer /health within 120 s")
+    raise RuntimeError(f"the server did not answer /health within {deadline - started:.0f} s")
 
 
 def main():
@@ -157,6 +162,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round is reported")
     ap.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request")
     ap.add_argument("--no-engine-peer", action="store_true", help="skip the engine-only measurement")
+    ap.add_argument("--compile", action="store_true", help="server and engine peer with EngineConfig(compile=True)")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
 
@@ -168,11 +174,11 @@ def main():
 
             model_dir = str(save_random_model(Path(tmp) / "tiny-random", **vars(tiny())))
         port = free_port()
-        proc = start_server(model_dir, port, max(levels))
+        proc = start_server(model_dir, port, max(levels), args.compile)
         runs = {c: [] for c in levels}
         peer_runs = {c: [] for c in levels}
         try:
-            peer = None if args.no_engine_peer else EnginePeer(model_dir, max(levels), args.max_tokens)
+            peer = None if args.no_engine_peer else EnginePeer(model_dir, max(levels), args.max_tokens, args.compile)
             asyncio.run(run_level(port, 1, 1.0, 8))  # warm-up: first forward, allocator, caches
             for _ in range(args.rounds):
                 for c in levels:
@@ -191,7 +197,8 @@ def main():
         eng = statistics.median(peer_runs[c]) if peer_runs[c] else None
         rows.append((c, sum(run["requests"] for run in runs[c]), r["tok_s"], ttfts, eng, bad))
     base = rows[0][2]
-    print(f"\nseekling serve: {os.path.basename(model_dir.rstrip('/'))}, {args.max_tokens} tokens per request, "
+    print(f"\nseekling serve{' --compile' if args.compile else ''}: {os.path.basename(model_dir.rstrip('/'))}, "
+          f"{args.max_tokens} tokens per request, "
           f"median of {args.rounds} rounds x {args.seconds:g} s per level, {os.cpu_count()} CPUs")
     head = (f"{'clients':>7} {'requests':>8} {'output tok/s':>12} {'vs 1 client':>11} {'TTFT p50 ms':>11} "
             f"{'TTFT p99 ms':>11} {'engine tok/s':>12} {'of engine':>9} {'non-200':>7}")
