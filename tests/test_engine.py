@@ -7,6 +7,7 @@ from seekling.config import ModelConfig
 from seekling.inference import Engine, EngineConfig, SamplingParams
 from seekling.inference import attention as attention_module
 from seekling.inference.attention import CacheBatch
+from seekling.inference.compiled import CompiledDecode
 from seekling.inference.kv_cache import LatentCache
 from seekling.model.transformer import Transformer
 
@@ -226,13 +227,18 @@ def test_request_that_can_never_fit_is_refused(model):
         eng.add_request([1], SamplingParams(max_tokens=4), request_id="req-0")
 
 
-def test_full_cache_queues_and_preempts_without_changing_outputs(model):
+@pytest.mark.parametrize("compile", [False, True])
+def test_full_cache_queues_and_preempts_without_changing_outputs(model, compile, monkeypatch):
     """A cache for about two sequences, five requests: queueing and recompute-preemption are exact."""
+    compiled_steps = []
+    call = CompiledDecode.__call__
+    monkeypatch.setattr(CompiledDecode, "__call__", lambda self, *a: compiled_steps.append(1) or call(self, *a))
     ps = prompts(5, 10, 20, seed=3)
     params = [GREEDY, SamplingParams(temperature=0.9, top_k=30, seed=11, max_tokens=24, ignore_eos=True)] * 2 + [GREEDY]
     roomy = Engine(model, EngineConfig(block_size=4, max_batch_tokens=64, max_seqs=8, kv_cache_tokens=2048))
     want = [o.output_ids for o in roomy.generate(ps, params)]
-    tight = Engine(model, EngineConfig(block_size=4, max_batch_tokens=16, max_seqs=4, kv_cache_tokens=88))
+    tight = Engine(model, EngineConfig(block_size=4, max_batch_tokens=16, max_seqs=4, kv_cache_tokens=88,
+                                       compile=compile))
     rids = [tight.add_request(p, sp) for p, sp in zip(ps, params)]
     queued = 0
     while tight.has_unfinished():
@@ -240,6 +246,7 @@ def test_full_cache_queues_and_preempts_without_changing_outputs(model):
         queued = max(queued, len(tight.scheduler.waiting))
         tight.cache.check()
     assert queued > 0 and tight.scheduler.n_preemptions > 0
+    assert bool(compiled_steps) == compile
     assert [tight.output(r).output_ids for r in rids] == want
     assert tight.cache.num_used_blocks == 0
 

@@ -115,8 +115,9 @@ class CompiledDecode:
         width = min(max(2, (max(positions) + P) // P), cache.block_table.shape[1])
         table = cache.block_table[torch.tensor(rows), :width]
         ids = torch.tensor(ids)
-        # The pool's block count too, so that Inductor's on-disk cache serves any cache size.
-        for t, dims in ((ids, (0,)), (pos, (0,)), (table, (0, 1)), (cache.pool, (1,))):
+        # The pool's block count and block size too, so that Inductor's on-disk cache serves any
+        # cache geometry (the graph depends only on the model's config).
+        for t, dims in ((ids, (0,)), (pos, (0,)), (table, (0, 1)), (cache.pool, (1, 2))):
             for d in dims:
                 torch._dynamo.maybe_mark_dynamic(t, d)
         h, entries = self._fn(self.model, ids, pos, cache.pool, table)
