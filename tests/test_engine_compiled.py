@@ -49,7 +49,7 @@ def test_compiled_greedy_matches_reference_alone_and_batched(model, engine, spy)
     assert 1 in spy and 5 in spy, f"the compiled step ran for batches of {sorted(set(spy))}"
 
 
-def test_compiled_logprobs_match_eager(model, engine):
+def test_compiled_logprobs_match_eager(model, engine, spy):
     ps = prompts(3, seed=2)
     params = SamplingParams(temperature=0.8, max_tokens=20, seed=7, logprobs=3, ignore_eos=True)
     eager = Engine(model, EngineConfig(block_size=16, kv_cache_tokens=2048)).generate(ps, params)
@@ -57,6 +57,7 @@ def test_compiled_logprobs_match_eager(model, engine):
     for a, b in zip(ours, eager):
         assert a.output_ids == b.output_ids
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+    assert spy, "the compiled step never ran"
 
 
 def test_long_contexts_fall_back_to_the_eager_step(model, engine, spy, monkeypatch):
