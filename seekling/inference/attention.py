@@ -96,7 +96,7 @@ class CacheBatch:
             # lists, one tensor each. Building this batch is per-step overhead that the forward of a
             # small model does not hide (it was a quarter of the engine's own time at batch 1).
             pos = torch.tensor(starts)
-            self.slots = torch.tensor([cache.row_blocks(r)[s // P] * P + s % P for r, s in zip(rows, starts)])
+            self.slots = cache.slots(rows, starts)
         elif len(set(lengths)) == 1:
             L0 = lengths[0]
             pos = (torch.tensor(starts)[:, None] + torch.arange(L0)[None]).flatten()

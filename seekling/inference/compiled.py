@@ -121,7 +121,7 @@ class CompiledDecode:
             for d in dims:
                 torch._dynamo.maybe_mark_dynamic(t, d)
         h, entries = self._fn(self.model, ids, pos, cache.pool, table)
-        slots = torch.tensor([cache.row_blocks(r)[p // P] * P + p % P for r, p in zip(rows, positions)])
         L = entries.shape[0]
-        cache.pool[:L].view(L, -1, cache.pool.shape[-1]).index_copy_(1, slots, entries.to(cache.pool.dtype))
+        cache.pool[:L].view(L, -1, cache.pool.shape[-1]).index_copy_(1, cache.slots(rows, positions),
+                                                                     entries.to(cache.pool.dtype))
         return h

@@ -87,9 +87,14 @@ class LatentCache:
         self._free_blocks.extend(reversed(blocks))
         self._free_rows.append(row)
 
-    def row_blocks(self, row: int) -> list[int]:
-        """The blocks a row owns, in position order (the row's block-table entries); do not modify."""
-        return self._row_blocks[row]
+    def slots(self, rows: list[int], positions: list[int]) -> torch.Tensor:
+        """Flattened pool slot (block * P + offset) of one position per row, from the rows' block lists.
+
+        For one token per sequence (a decode step): plain Python over the lists, cheaper per step
+        than indexing `block_table` with freshly built tensors.
+        """
+        P = self.block_size
+        return torch.tensor([self._row_blocks[r][p // P] * P + p % P for r, p in zip(rows, positions)])
 
     def row_tokens(self, row: int) -> int:
         """Token positions the row's blocks cover."""
