@@ -65,12 +65,23 @@ def run_seekling(model_dir: str, batch: int, ctx: int, new: int, spec: int, comp
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     for p in ids:
         eng.add_request(p, params)
+    draft_times = []  # wall time of MTP drafting (its forward, head and bookkeeping), per step
+    if eng.drafter is not None:
+        draft = eng.drafter.run
+
+        def timed_draft(items):
+            t = time.perf_counter()
+            draft(items)
+            draft_times.append(time.perf_counter() - t)
+
+        eng.drafter.run = timed_draft
     started = 0
     t_prefill = time.perf_counter()
     while started < batch:  # prefill (chunked): until every prompt has produced its first token
         started += sum(e.index == 0 for e in eng.step())
     t0 = time.perf_counter()
     n_tok, times = 0, []
+    draft_times.clear()  # the prefill's drafting is not a decode step's
     while eng.has_unfinished():
         t = time.perf_counter()
         n_tok += len(eng.step())
@@ -78,7 +89,8 @@ def run_seekling(model_dir: str, batch: int, ctx: int, new: int, spec: int, comp
     step = median(times)
     return dict(tok_s=n_tok / len(times) / step, ms_step=step * 1e3, prefill_s=t0 - t_prefill, compile_s=compile_s,
                 peak_mb=peak_mb(),
-                rise_mb=peak_mb() - base, acceptance=eng.acceptance_rate, kv_bytes=eng.cache.bytes_per_token)
+                rise_mb=peak_mb() - base, acceptance=eng.acceptance_rate, kv_bytes=eng.cache.bytes_per_token,
+                ms_draft=median(draft_times) * 1e3 if draft_times else None)
 
 
 def run_transformers(model_dir: str, batch: int, ctx: int, new: int, spec: int, compile: bool) -> dict:

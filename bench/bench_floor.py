@@ -13,12 +13,16 @@ one run:
   routing, softmax, sampling and scheduling are left out, so no implementation on this machine's
   BLAS can take a step shorter than this;
 * transformers' and seekling's measured steps (`bench_decode.py`'s workers, same checkpoint, fp32),
-  so the floor reads as the best ratio any engine could reach against this peer;
-* the **speculation bound** at batch 1: verifying K drafts feeds K+1 tokens through every weight,
-  and with MoE they mostly route to different experts. It is read here as seekling's compiled step
-  at batch K+1 (the same rows through the same GEMMs; a slight overestimate, it also reads K more
-  contexts) against its step at batch 1; with the measured acceptance a, a round emits 1 + K*a
-  tokens, so speculation is at most (1 + K*a) * t(1) / t(K+1) faster, even with free drafting.
+  so the floor reads as the best ratio an engine on PyTorch's kernels could reach against this peer
+  (a hand-written kernel could beat MKL at a few rows per expert, and nothing else);
+* **MTP speculation** at batch 1. Verifying K drafts feeds K+1 tokens through every weight, and
+  in an MoE they mostly route to different experts, so on a memory-bound CPU the verify step costs
+  well over a plain one. Eager, a speculative run is measured and its round split into verification
+  and drafting (the drafter's own time: the MTP block over the accepted positions, the output head
+  for the draft row, its bookkeeping). Compiled, verification is not implemented, so a bound is
+  given: the compiled step at batch K+1 (the same rows through the same GEMMs and experts; it also
+  reads K more contexts) stands for the verify step, drafting is taken as free, and a round emits
+  1 + K*a tokens at acceptance a: speculation is at most (1 + K*a) * t(1) / t(K+1) faster.
 
 Prints tables; asserts nothing (a benchmark, not a test).
 """
@@ -35,7 +39,7 @@ from statistics import median
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import best, launch  # noqa: E402  (a sibling script)
+from bench_decode import best, launch  # a sibling script, found through the path set above
 
 
 def timed_ms(fn, repeats: int = 200) -> float:
@@ -146,22 +150,30 @@ def main():
           + (f"that leaves {budget - floor:.2f} ms for everything but the GEMMs (norms, RoPE, routing, softmax, "
              f"sampling, scheduling) and for GEMMs slower than their floor; seekling's step is "
              f"{max(step - floor, 0):.2f} ms above the floor now."
-             if budget > floor else f"below the GEMM floor itself, so no engine reaches it on this machine."))
+             if budget > floor else "below the GEMM floor itself, so no engine reaches it on this machine."))
 
     if args.spec and cfg.n_mtp_layers:
         K = args.spec
-        job1 = dict(job, ctx=ctx)
-        cells = [(launch(system="seekling", compile=True, batch=1, **job1),
-                  launch(system="seekling", compile=True, batch=K + 1, **job1),
-                  launch(system="seekling", spec=K, batch=1, **job1)) for _ in range(args.repeats)]
-        one, many, spec = (best([c[i] for c in cells]) for i in range(3))
-        if one and many and spec:
-            a = spec["acceptance"]
-            bound = (1 + K * a) * one["ms_step"] / many["ms_step"]
-            print(f"\nSpeculation bound at batch 1, context {ctx}, {K} draft token(s): compiled step "
-                  f"{one['ms_step']:.2f} ms for 1 token, {many['ms_step']:.2f} ms for {K + 1} "
-                  f"({many['ms_step'] / one['ms_step']:.2f}x); acceptance {a:.1%}, so a round emits "
-                  f"{1 + K * a:.2f} tokens: at most {bound:.2f}x over plain decoding, with drafting free.")
+        one_job = dict(job, batch=1)
+        print(f"\nMTP speculation at batch 1, context {ctx}, {K} draft token(s). Eager: a measured speculative run, "
+              f"its round split into verification and drafting (the drafter's own time). Compiled: a bound, with the "
+              f"verify step read as the compiled step at batch {K + 1} and drafting taken as free:")
+        print("| steps | plain step ms | verify ms | drafting ms | round ms | tokens a round | speed-up |\n"
+              "|---|---:|---:|---:|---:|---:|---:|")
+        kinds = [(True, 1), (True, K + 1), (False, 1)]
+        cells = [[launch(system="seekling", compile=c, **dict(job, batch=b)) for c, b in kinds]
+                 + [launch(system="seekling", spec=K, **one_job)] for _ in range(args.repeats)]
+        steps = {kind: best([c[i] for c in cells]) for i, kind in enumerate(kinds)}
+        spec = best([c[-1] for c in cells])
+        if spec and all(steps.values()):
+            n_round, d, r = 1 + K * spec["acceptance"], spec["ms_draft"], spec["ms_step"]
+            t1 = steps[False, 1]["ms_step"]
+            print(f"| eager, measured | {t1:.2f} | {r - d:.2f} | {d:.2f} | {r:.2f} | {n_round:.2f} | "
+                  f"**{n_round * t1 / r:.2f}x** |")
+            t1, tk = steps[True, 1]["ms_step"], steps[True, K + 1]["ms_step"]
+            print(f"| compiled, bound | {t1:.2f} | {tk:.2f} | 0 | {tk:.2f} | {n_round:.2f} | **{n_round * t1 / tk:.2f}x** |")
+            print(f"Acceptance {spec['acceptance']:.1%}. Compiled plain decoding runs {steps[True, 1]['tok_s']:.1f} tok/s, "
+                  f"eager speculation {spec['tok_s']:.1f}.")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
