@@ -136,7 +136,7 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: 
                    help="MTP self-speculative decoding with K draft tokens (needs a model with MTP layers)")
     g.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile: ~3x the tokens/s of eager after a one-off "
-                        "compile (~1 min cold, seconds once cached)")
+                        "compile (~1 min cold, seconds once cached); not with --speculative")
 
 
 def build_parser() -> argparse.ArgumentParser:

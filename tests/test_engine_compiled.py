@@ -81,6 +81,8 @@ def test_compile_option_is_validated():
         EngineConfig(compile="yes")
     with pytest.raises(ValueError, match="EngineConfig.compile.*naive"):
         EngineConfig(compile=True, attention="naive")
+    with pytest.raises(ValueError, match="EngineConfig.compile.*speculative_tokens > 0.*use one of the two"):
+        EngineConfig(compile=True, speculative_tokens=1)
 
 
 def test_missing_cxx_compiler_is_a_clear_error(model, monkeypatch):

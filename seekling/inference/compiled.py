@@ -19,7 +19,8 @@ own `hidden` (embedding, RoPE, blocks, residuals, norms); only two things differ
 Batch size and context length are dynamic, so one compile serves every decode step (Inductor
 specialises n = 1 separately: two compiles in all, ~30 s each cold, seconds from its on-disk cache;
 `Engine.warm_up` runs both before the first request).
-Prefill chunks, draft verification, MTP drafting and long contexts (see MAX_KEY_BYTES) stay eager.
+Prefill chunks and long contexts (see MAX_KEY_BYTES) stay eager; EngineConfig refuses compile with
+speculative decoding, whose verification and drafting steps the graph does not cover.
 """
 
 from __future__ import annotations

@@ -59,8 +59,8 @@ class EngineConfig:
     # Run steps where every sequence decodes one token through one torch.compile graph (compiled.py):
     # measured ~3x faster per step at batch 1 and ~1.5-2x at batch 8-32 (demo model, 1 thread),
     # after a one-off compile of ~30 s per graph (two graphs; seconds from Inductor's on-disk cache).
-    # Off by default so a one-shot `seekling generate` starts at once. Draft verification is not
-    # compiled: with speculative_tokens > 0 most steps stay eager, slower than compiled plain decoding.
+    # Off by default so a one-shot `seekling generate` starts at once. Not with speculative_tokens:
+    # every decode step would verify drafts, which the graph does not cover (see __post_init__).
     compile: bool = False
 
     def __post_init__(self):
@@ -81,6 +81,13 @@ class EngineConfig:
              "the compiled step is absorbed attention; the naive mode is an uncompiled reference")
         need(isinstance(self.speculative_tokens, int) and 0 <= self.speculative_tokens <= 8, "speculative_tokens",
              f"must be an integer in [0, 8], got {self.speculative_tokens!r}")
+        # The graph covers steps where each sequence feeds one token; with drafts every decode step
+        # feeds 1 + K, so compiling would cost its warm-up and never run. Compiled verification is
+        # not built: on this project's CPUs it could not pay (bench/bench_floor.py bounds it near 1.1-1.3x
+        # over compiled plain decoding with drafting free, against ~3x from compiling alone).
+        need(not (self.compile and self.speculative_tokens), "compile",
+             "cannot be combined with speculative_tokens > 0: the compiled step covers plain decoding only, and "
+             "with drafts every step verifies them eagerly; use one of the two (on a CPU, compile alone is faster)")
         need(self.attention in ("absorbed", "naive"), "attention", f"must be 'absorbed' or 'naive', got {self.attention!r}")
         need(self.prefill_attention in ("absorbed", "naive"), "prefill_attention",
              f"must be 'absorbed' or 'naive', got {self.prefill_attention!r}")
