@@ -62,17 +62,19 @@ def sampling_from_args(args, stop_token_ids=()) -> SamplingParams:
         stop_token_ids=tuple(stop_token_ids))
 
 
-def warm_up(engine: Engine, batches: tuple[int, ...]) -> None:
-    if engine.config.compile:
+def engine_from_args(model, tok: SeeklingTokenizer, args) -> Engine:
+    """The engine for one interactive stream, compiled first (with a line on stderr) under --compile."""
+    engine = Engine(model, EngineConfig(speculative_tokens=args.speculative or 0, compile=args.compile),
+                    decode=tok.decode)
+    if args.compile:
         print("compiling the decode step (once; cached on disk for later runs)...", file=sys.stderr, flush=True)
-        engine.warm_up(batches)
+        engine.warm_up((1,))  # one stream: the batch-1 graph only
+    return engine
 
 
 def run_generate(args) -> None:
     model, tok = load_model_dir(args.model)
-    k = args.speculative if args.speculative is not None else 0
-    engine = Engine(model, EngineConfig(speculative_tokens=k, compile=args.compile), decode=tok.decode)
-    warm_up(engine, (1,))
+    engine = engine_from_args(model, tok, args)
     ids = [tok.bos_id] + tok.encode(args.prompt)
     params = sampling_from_args(args)
     out = sys.stdout
@@ -87,7 +89,7 @@ def run_generate(args) -> None:
             out.flush()
         n += 1
     out.write("\n")
-    if k:
+    if engine.config.speculative_tokens:
         print(f"[{n} tokens, MTP speculation: {engine.acceptance_rate:.0%} of drafts accepted]", file=sys.stderr)
 
 
@@ -95,8 +97,7 @@ def run_chat(args) -> None:
     from rich.console import Console
 
     model, tok = load_model_dir(args.model)
-    engine = Engine(model, EngineConfig(speculative_tokens=args.speculative or 0, compile=args.compile), decode=tok.decode)
-    warm_up(engine, (1,))
+    engine = engine_from_args(model, tok, args)
     console = Console(highlight=False)
     console.print(f"[bold]seekling chat[/] - {args.model} ({model.cfg.n_layers} layers). "
                   "Type a message; /reset clears the history, /exit quits.")

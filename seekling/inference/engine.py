@@ -276,8 +276,8 @@ class Engine:
             rows.append(seq.row)
             starts.append(seq.num_cached)
             lens.append(n)
-        if (self._compiled is not None and len(ids) == len(work) and not any(seq.drafts for seq, _ in work)
-                and self._compiled.fits(starts)):
+        # One token per sequence: a plain decode step (compile excludes speculation, so no drafts here).
+        if self._compiled is not None and len(ids) == len(work) and self._compiled.fits(starts):
             h = self._compiled(ids, rows, starts)  # (N, D)
         else:
             batch = CacheBatch(self.cache, rows, starts, lens, n_heads=cfg.n_heads, **self._batch_kwargs)
