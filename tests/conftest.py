@@ -24,3 +24,19 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def compiled_spy(monkeypatch):
+    """Batch sizes that went through the engine's compiled decode step (EngineConfig(compile=True))."""
+    from seekling.inference.compiled import CompiledDecode
+
+    seen = []
+    call = CompiledDecode.__call__
+
+    def counted(self, ids, rows, positions):
+        seen.append(len(ids))
+        return call(self, ids, rows, positions)
+
+    monkeypatch.setattr(CompiledDecode, "__call__", counted)
+    return seen

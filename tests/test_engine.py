@@ -7,7 +7,6 @@ from seekling.config import ModelConfig
 from seekling.inference import Engine, EngineConfig, SamplingParams
 from seekling.inference import attention as attention_module
 from seekling.inference.attention import CacheBatch
-from seekling.inference.compiled import CompiledDecode
 from seekling.inference.kv_cache import LatentCache
 from seekling.model.transformer import Transformer
 
@@ -228,11 +227,8 @@ def test_request_that_can_never_fit_is_refused(model):
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_full_cache_queues_and_preempts_without_changing_outputs(model, compile, monkeypatch):
+def test_full_cache_queues_and_preempts_without_changing_outputs(model, compile, compiled_spy):
     """A cache for about two sequences, five requests: queueing and recompute-preemption are exact."""
-    compiled_steps = []
-    call = CompiledDecode.__call__
-    monkeypatch.setattr(CompiledDecode, "__call__", lambda self, *a: compiled_steps.append(1) or call(self, *a))
     ps = prompts(5, 10, 20, seed=3)
     params = [GREEDY, SamplingParams(temperature=0.9, top_k=30, seed=11, max_tokens=24, ignore_eos=True)] * 2 + [GREEDY]
     roomy = Engine(model, EngineConfig(block_size=4, max_batch_tokens=64, max_seqs=8, kv_cache_tokens=2048))
@@ -246,7 +242,7 @@ def test_full_cache_queues_and_preempts_without_changing_outputs(model, compile,
         queued = max(queued, len(tight.scheduler.waiting))
         tight.cache.check()
     assert queued > 0 and tight.scheduler.n_preemptions > 0
-    assert bool(compiled_steps) == compile
+    assert bool(compiled_spy) == compile
     assert [tight.output(r).output_ids for r in rids] == want
     assert tight.cache.num_used_blocks == 0
 

@@ -8,7 +8,6 @@ import torch
 
 from seekling.inference import Engine, EngineConfig, SamplingParams
 from seekling.inference import compiled as compiled_module
-from seekling.inference.compiled import CompiledDecode
 from tests.test_engine import GREEDY, prompts, reference_greedy, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py says why
@@ -24,21 +23,7 @@ def engine(model):
     return Engine(model, EngineConfig(block_size=16, kv_cache_tokens=2048, compile=True))
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts the sequences that went through the compiled step."""
-    seen = []
-    call = CompiledDecode.__call__
-
-    def counted(self, ids, rows, positions):
-        seen.append(len(ids))
-        return call(self, ids, rows, positions)
-
-    monkeypatch.setattr(CompiledDecode, "__call__", counted)
-    return seen
-
-
-def test_compiled_greedy_matches_reference_alone_and_batched(model, engine, spy):
+def test_compiled_greedy_matches_reference_alone_and_batched(model, engine, compiled_spy):
     # 40 new tokens cross block boundaries (block_size 16); unequal prompts give each row its own
     # position, so the stale-slot mask differs per row.
     ps = prompts(5, lo=3, hi=30, seed=1)
@@ -46,10 +31,10 @@ def test_compiled_greedy_matches_reference_alone_and_batched(model, engine, spy)
     assert [o.output_ids for o in outs] == [reference_greedy(model, p, 40) for p in ps]
     lone = engine.generate([ps[0]], GREEDY)[0]
     assert lone.output_ids == reference_greedy(model, ps[0], GREEDY.max_tokens)
-    assert 1 in spy and 5 in spy, f"the compiled step ran for batches of {sorted(set(spy))}"
+    assert 1 in compiled_spy and 5 in compiled_spy, f"the compiled step ran for batches of {sorted(set(compiled_spy))}"
 
 
-def test_compiled_logprobs_match_eager(model, engine, spy):
+def test_compiled_logprobs_match_eager(model, engine, compiled_spy):
     ps = prompts(3, seed=2)
     params = SamplingParams(temperature=0.8, max_tokens=20, seed=7, logprobs=3, ignore_eos=True)
     eager = Engine(model, EngineConfig(block_size=16, kv_cache_tokens=2048)).generate(ps, params)
@@ -57,14 +42,14 @@ def test_compiled_logprobs_match_eager(model, engine, spy):
     for a, b in zip(ours, eager):
         assert a.output_ids == b.output_ids
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
-    assert spy, "the compiled step never ran"
+    assert compiled_spy, "the compiled step never ran"
 
 
-def test_long_contexts_fall_back_to_the_eager_step(model, engine, spy, monkeypatch):
+def test_long_contexts_fall_back_to_the_eager_step(model, engine, compiled_spy, monkeypatch):
     monkeypatch.setattr(compiled_module, "MAX_KEY_BYTES", 1)  # every batch counts as long
     p = prompts(1, seed=3)[0]
     assert engine.generate([p], GREEDY)[0].output_ids == reference_greedy(model, p, GREEDY.max_tokens)
-    assert spy == [], "a long-context batch took the compiled step"
+    assert compiled_spy == [], "a long-context batch took the compiled step"
 
 
 def test_gathered_experts_match_the_loop():
