@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from seekling.config import ModelConfig
 from seekling.model.rope import rope_inv_freq
+from seekling.model.transformer import Transformer
 
 # ModelConfig field -> DeepseekV3Config field (rope fields are handled by _rope_to_hf / _rope_from_hf).
 CONFIG_MAP = {
@@ -87,6 +88,10 @@ TOP_KEY_MAP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "mode
 # DeepSeek's MTP layers also carry copies of the shared embedding and head; written for vLLM/SGLang.
 MTP_SHARED_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
 
+# Fields where null in config.json means None, not "use our default" (transformers writes null
+# for a model without them; its DeepseekV3Config defaults, 0 and 1, apply only when the key is absent).
+_NULLABLE_IDS = ("bos_token_id", "eos_token_id")
+
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -131,10 +136,10 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
             bad(key, f"is {d.get(key)!r}; only {[a for a in allowed if a is not None]} is supported")
     kwargs = {}
     for ours, theirs in CONFIG_MAP.items():
-        if theirs in d and d[theirs] is not None:
+        # A null token id is a statement ("this model has no eos"), as transformers writes it; any
+        # other null falls back to the default. A list of eos ids stays a list: each one stops.
+        if theirs in d and (d[theirs] is not None or ours in _NULLABLE_IDS):
             kwargs[ours] = d[theirs]
-    if isinstance(kwargs.get("eos_token_id"), list):
-        kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
     for key in ("n_expert_groups", "n_limited_groups"):
         kwargs.setdefault(key, 1)
     kwargs.update(_rope_from_hf(d, source))
@@ -265,7 +270,7 @@ def save(model, path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.d
         written.append(SAFE_INDEX)
     cfg = model.cfg
     # A model without an eos id lists only the extra stop ids; one id stays a plain number, as DeepSeek writes it.
-    eos = list(dict.fromkeys(t for t in (cfg.eos_token_id, *stop_token_ids) if t is not None))
+    eos = list(dict.fromkeys((*cfg.eos_token_ids, *stop_token_ids)))
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos if len(eos) > 1 else (eos[0] if eos else None),
            "do_sample": False}
     _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2))
@@ -312,9 +317,11 @@ def _weight_files(path: Path) -> list[Path]:
     if (path / SAFE_INDEX).is_file():
         try:
             index = json.loads((path / SAFE_INDEX).read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            names = sorted(set(index["weight_map"].values()), key=str)  # key=str: a bad entry is reported below
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"{path / SAFE_INDEX} is not a valid safetensors index ({e})") from None
+        for name in names:
+            _check_shard_name(path, name)
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{path / SAFE_INDEX} lists shards that are missing: {', '.join(missing[:5])}")
@@ -325,6 +332,25 @@ def _weight_files(path: Path) -> list[Path]:
         raise FileNotFoundError(f"{path} has only pickle-based weights (.bin/.pt); seekling never unpickles files. "
                                 "Convert them to safetensors with transformers' save_pretrained(safe_serialization=True)")
     raise FileNotFoundError(f"{path} has no {SAFE_SINGLE} or {SAFE_INDEX}")
+
+
+def _check_shard_name(path: Path, name) -> None:
+    """Refuse an index entry that names a file outside the checkpoint directory.
+
+    The index comes with a downloaded checkpoint, so it must not be able to make us read (and
+    report errors about) any other file on the machine. The directories on the way are resolved,
+    which catches `..` and a symlinked directory; the shard file itself may be a symlink, because
+    the Hugging Face hub cache stores every file of a snapshot as a link into its blobs/ folder.
+    """
+    index_file = path / SAFE_INDEX
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{index_file}: weight_map names shard {name!r}, which is not a file name; "
+                         "each value must be a shard file name such as 'model-00001-of-00002.safetensors'")
+    root = path.resolve()
+    if Path(name).is_absolute() or not (path / name).parent.resolve().is_relative_to(root):
+        raise ValueError(f"{index_file}: weight_map names shard {name!r}, which is outside the checkpoint "
+                         f"directory {root}; shards must lie inside it: move the shard files into the directory "
+                         "and list them by file name (e.g. 'model-00001-of-00002.safetensors')")
 
 
 def read_tensors(path) -> dict[str, torch.Tensor]:
@@ -342,8 +368,6 @@ def read_tensors(path) -> dict[str, torch.Tensor]:
 
 def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load a DeepSeek-V3-layout checkpoint directory into a seekling Transformer."""
-    from seekling.model.transformer import Transformer
-
     path = Path(path)
     cfg = read_config(path)
     hf = read_tensors(path)

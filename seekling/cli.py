@@ -63,9 +63,9 @@ def cmd_info(args) -> None:
 
 
 def cmd_tokenizer_train(args) -> None:
-    from seekling.tokenizer import cmd_tokenizer_train
+    from seekling.data.commands import tokenizer_train_command
 
-    cmd_tokenizer_train(args.data, args.vocab_size, args.out)
+    tokenizer_train_command(args.data, args.vocab_size, args.out)
 
 
 def cmd_generate(args) -> None:

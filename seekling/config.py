@@ -53,7 +53,9 @@ class ModelConfig:
     n_mtp_layers: int = 0
     initializer_range: float = 0.02
     bos_token_id: int | None = 0
-    eos_token_id: int | None = 1
+    # One id, several (a checkpoint's config.json may list them; every one ends a generation), or
+    # None for a model with no eos. A list is stored as a tuple so the config stays hashable.
+    eos_token_id: int | tuple[int, ...] | None = 1
 
     def __post_init__(self):
         def need(cond: bool, field: str, msg: str):
@@ -100,9 +102,25 @@ class ModelConfig:
         need(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
         need(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
         need(self.route_scale > 0, "route_scale", f"must be positive, got {self.route_scale}")
-        for f in ("bos_token_id", "eos_token_id"):
-            v = getattr(self, f)
-            need(v is None or 0 <= v < self.vocab_size, f, f"{v} is outside the vocabulary (size {self.vocab_size})")
+        if isinstance(self.eos_token_id, list):  # as JSON (config.json, a saved TrainConfig) gives it
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        need(not isinstance(self.eos_token_id, tuple) or len(self.eos_token_id) > 0, "eos_token_id",
+             "is an empty list; use None for a model without an eos token")
+        ids = {"bos_token_id": (() if self.bos_token_id is None else (self.bos_token_id,), "a token id or None"),
+               "eos_token_id": (self.eos_token_ids, "a token id, a list of token ids, or None")}
+        for f, (values, kinds) in ids.items():
+            for v in values:
+                # bool is an int subclass, so True would otherwise pass as token 1.
+                need(isinstance(v, int) and not isinstance(v, bool), f, f"must be {kinds}, got {getattr(self, f)!r}")
+                need(0 <= v < self.vocab_size, f, f"{v} is outside the vocabulary (size {self.vocab_size})")
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a generation by itself: () when the model has no eos."""
+        eos = self.eos_token_id
+        if eos is None:
+            return ()
+        return eos if isinstance(eos, tuple) else (eos,)
 
     @property
     def has_moe(self) -> bool:

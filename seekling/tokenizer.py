@@ -314,25 +314,3 @@ def train_tokenizer(
 def load_default_tokenizer() -> SeeklingTokenizer:
     """The tokenizer shipped with seekling (trained on the embedded corpus's train split)."""
     return SeeklingTokenizer.load(DEFAULT_TOKENIZER_DIR)
-
-
-def cmd_tokenizer_train(data_paths: list[str] | None, vocab_size: int, out_dir: str) -> SeeklingTokenizer:
-    """CLI: train on --data paths (or the embedded corpus's train split) and save to out_dir."""
-    # Imported here: the data package builds on this module, not the other way round.
-    from seekling.data.corpus import corpus_documents
-    from seekling.data.dataset import read_documents
-
-    if data_paths:
-        texts = [doc.text for path in data_paths for doc in read_documents(path)]
-        source = ", ".join(data_paths)
-    else:
-        texts = [text for _, text in corpus_documents("train")]
-        source = "the embedded Shakespeare corpus (train split)"
-    tok = train_tokenizer(texts, vocab_size, out_dir)
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    n_tokens = sum(len(ids) for ids in tok.encode_batch(texts))
-    print(
-        f"trained a {tok.vocab_size}-token byte-level BPE on {source}: {len(texts)} documents, "
-        f"{n_bytes:,} bytes -> {n_tokens:,} tokens ({n_bytes / n_tokens:.2f} bytes/token); saved to {out_dir}"
-    )
-    return tok

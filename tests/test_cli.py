@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from seekling.checkpoint import save
 from seekling.cli import main
 from seekling.model.transformer import Transformer
 from seekling.presets import PRESETS, get_preset
@@ -30,7 +31,7 @@ def test_info_preset(preset, capsys):
 
 def test_info_checkpoint(tmp_path, capsys):
     cfg = get_preset("tiny").replace(n_layers=2, vocab_size=256)
-    Transformer(cfg).save(tmp_path)
+    save(Transformer(cfg), tmp_path)
     assert main(["info", str(tmp_path)]) == 0
     assert f"{model_stats(cfg).total_params:,}" in capsys.readouterr().out
 

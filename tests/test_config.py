@@ -19,12 +19,24 @@ from seekling.model.transformer import Transformer
     (dict(rope_type="ntk"), "rope_type"),
     (dict(rope_type="yarn", rope_factor=0.5), "rope_factor"),
     (dict(eos_token_id=5000), "eos_token_id"),
+    (dict(eos_token_id=[1, 5000]), "eos_token_id"),
+    (dict(eos_token_id=[]), "eos_token_id"),
+    (dict(eos_token_id=True), "eos_token_id"),
+    (dict(bos_token_id="0"), "bos_token_id"),
     (dict(n_routed_experts=0), "n_routed_experts"),
     (dict(n_expert_groups=16, n_limited_groups=2), "n_expert_groups"),
 ])
 def test_invalid_config_names_field(changes, field):
     with pytest.raises(ValueError, match=rf"ModelConfig\.{field}"):
         ModelConfig(**changes)
+
+
+def test_eos_ids_one_several_or_none():
+    assert ModelConfig().eos_token_ids == (1,)
+    assert ModelConfig(eos_token_id=None).eos_token_ids == ()
+    several = ModelConfig(eos_token_id=[3, 4])  # a list, as JSON gives it, is kept as a hashable tuple
+    assert several.eos_token_id == (3, 4) == several.eos_token_ids and several == ModelConfig(eos_token_id=(3, 4))
+    assert hash(several) == hash(ModelConfig(eos_token_id=(3, 4)))
 
 
 def test_frozen():

@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3ForCausalLM
 
+from seekling.checkpoint import save
 from seekling.config import ModelConfig
 from seekling.inference import Engine, EngineConfig, SamplingParams
 from seekling.model.transformer import Transformer
@@ -32,7 +33,7 @@ def test_greedy_matches_transformers_generate(variant, tmp_path):
     g = torch.Generator().manual_seed(0)
     for name, p in model.named_parameters():  # spread-out logits, so near-ties are rare
         p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g) if "norm" in name else 0.08 * torch.randn(p.shape, generator=g))
-    model.save(tmp_path)
+    save(model, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers reports the MTP weights it does not use
         hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -58,14 +59,14 @@ def test_transformers_generate_stops_at_saved_stop_ids(tmp_path):
     ids = torch.tensor([[0, 11, 12, 13]])
     h = model.hidden(ids)[0, -1]
     model.head.weight[6] = 100 * h / h.norm()  # id 6 (end of turn) becomes the greedy next token
-    model.save(tmp_path, stop_token_ids=(6,))
+    save(model, tmp_path, stop_token_ids=(6,))
     assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == [1, 6]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=2)
     assert out[0, 4:].tolist() == [6]
-    model.save(tmp_path)  # without extra stop ids the file keeps a single eos, as DeepSeek's own
+    save(model, tmp_path)  # without extra stop ids the file keeps a single eos, as DeepSeek's own
     assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == 1
-    Transformer(ModelConfig(**CFG)).save(tmp_path, stop_token_ids=(6,))  # a model with no eos of its own
+    save(Transformer(ModelConfig(**CFG)), tmp_path, stop_token_ids=(6,))  # a model with no eos of its own
     assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == 6

@@ -83,12 +83,12 @@ def test_seekling_saved_loads_in_transformers(name, tmp_path):
     cfg = ModelConfig(**(BASE | CONFIGS[name]))
     ours = Transformer(cfg).eval()
     randomize(ours)
-    ours.save(tmp_path)
+    seekling.save(ours, tmp_path)
     theirs = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
     print(name, "seekling->transformers max|dlogits|", compare(ours, theirs))
 
 
-def test_negative_bias_masks_deselected_groups():
+def test_negative_bias_masks_deselected_groups(tmp_path):
     """With all-negative biases, a masked group must still lose: -inf, not 0.0, fills it."""
     cfg = ModelConfig(**(BASE | dict(n_dense_layers=0, n_expert_groups=4, n_limited_groups=1, n_activated_experts=2)))
     ours = Transformer(cfg).eval()
@@ -102,8 +102,8 @@ def test_negative_bias_masks_deselected_groups():
     best = scores.view(64, 4, -1).topk(2, -1)[0].sum(-1).argmax(-1)
     assert torch.equal(group_of, best.unsqueeze(-1).expand_as(group_of))
     theirs = hf_model(cfg)
-    ours.save("/tmp/_neg_bias_ckpt")
-    theirs = DeepseekV3ForCausalLM.from_pretrained("/tmp/_neg_bias_ckpt").eval()
+    seekling.save(ours, tmp_path)
+    theirs = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
     compare(ours, theirs)
 
 
@@ -114,7 +114,7 @@ def test_mtp_layer_matches_transformers_mtp_model(tmp_path, monkeypatch):
     cfg = ModelConfig(**(BASE | CONFIGS["q-lora/1-dense/groups/no-norm/yarn/llama-rope/mtp"]))
     ours = Transformer(cfg).eval()
     randomize(ours)
-    ours.save(tmp_path)
+    seekling.save(ours, tmp_path)
     # transformers only looks for MTP weights at DeepSeek-V3's layer 61; point it at this config's.
     monkeypatch.setattr(DeepseekV3ForCausalLM, "_keys_to_ignore_on_load_unexpected", [rf"model\.layers\.{cfg.n_layers}.*"])
     main = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from seekling.checkpoint import save
 from seekling.cli import main
 from seekling.inference.engine import Engine
 from seekling.inference.sampling import SamplingParams
@@ -18,7 +19,7 @@ from seekling.tokenizer import load_default_tokenizer
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    Transformer(tiny().replace(n_layers=2, dim=64, inter_dim=96, moe_inter_dim=32, max_seq_len=256)).save(d)
+    save(Transformer(tiny().replace(n_layers=2, dim=64, inter_dim=96, moe_inter_dim=32, max_seq_len=256)), d)
     load_default_tokenizer().save(d)
     return d
 
@@ -52,7 +53,7 @@ def test_generate_errors(model_dir, capsys, tmp_path):
     assert main(["generate", "--model", str(model_dir), "word " * 400]) == 2
     captured = capsys.readouterr()
     assert "max_seq_len" in captured.err and captured.out == ""
-    Transformer(tiny().replace(n_layers=1, dim=32, inter_dim=32, moe_inter_dim=8)).save(tmp_path)
+    save(Transformer(tiny().replace(n_layers=1, dim=32, inter_dim=32, moe_inter_dim=8)), tmp_path)
     assert main(["generate", "--model", str(tmp_path), "x"]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
 

@@ -8,13 +8,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from seekling.data.commands import tokenizer_train_command
 from seekling.data.corpus import corpus_documents
 from seekling.tokenizer import (
     CHAT_TEMPLATE,
     DEFAULT_TOKENIZER_DIR,
     SPECIAL_TOKENS,
     SeeklingTokenizer,
-    cmd_tokenizer_train,
     load_default_tokenizer,
     train_tokenizer,
 )
@@ -140,11 +140,11 @@ def test_load_errors(tmp_path):
         SeeklingTokenizer.load(tmp_path)
 
 
-def test_cmd_tokenizer_train(tmp_path, capsys):
+def test_tokenizer_train_command(tmp_path, capsys):
     data = tmp_path / "d.txt"
     data.write_text("the cat sat on the mat. " * 200 + "ünïcödé text\n" * 50, encoding="utf-8")
     out = tmp_path / "tok"
-    trained = cmd_tokenizer_train([str(data)], 300, str(out))
+    trained = tokenizer_train_command([str(data)], 300, str(out))
     assert "bytes/token" in capsys.readouterr().out
     assert SeeklingTokenizer.load(out).sha256 == trained.sha256
     assert trained.vocab_size <= 300

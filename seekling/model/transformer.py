@@ -124,9 +124,3 @@ class Transformer(nn.Module):
         per_expert = 3 * cfg.dim * cfg.moe_inter_dim
         n -= (cfg.n_layers - cfg.n_dense_layers) * (E - K) * per_expert
         return n if embeddings else n - self.embed.weight.numel()
-
-    def save(self, path, **kwargs):
-        """Write a Hugging Face DeepSeek-V3-layout checkpoint (see seekling.checkpoint.save)."""
-        from seekling.checkpoint import save
-
-        save(self, path, **kwargs)

@@ -23,6 +23,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import anyio
+import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
@@ -294,10 +296,6 @@ def run_server(model_dir, host: str = "127.0.0.1", port: int = 8000, api_key: st
                max_concurrency: int = 32, max_queue: int = 256, model_name: str | None = None,
                log_level: str = "info", **options) -> None:
     """Serve model_dir over HTTP until interrupted (the `seekling serve` command)."""
-    import uvicorn
-
-    import torch
-
     cfg = ServeConfig(model_dir=str(model_dir), host=host, port=port, api_key=api_key,
                       max_concurrency=max_concurrency, max_queue=max_queue, model_name=model_name, **options)
     torch.set_num_threads(cfg.threads)  # process-wide, hence here and not in create_app

@@ -29,11 +29,17 @@ from collections.abc import AsyncIterator, Callable
 
 import torch
 
+from seekling.checkpoint import load as load_model
+from seekling.device import cpu_has_fast_bf16
+from seekling.inference.engine import Engine, EngineConfig
+from seekling.inference.sampling import MAX_TOP_LOGPROBS as ENGINE_MAX_TOP_LOGPROBS
+from seekling.inference.sampling import SamplingParams
 from seekling.serve.config import ServeConfig
 from seekling.serve.errors import APIError
-from seekling.serve import protocol
+from seekling.serve.protocol import MAX_TOP_LOGPROBS as OPENAI_MAX_TOP_LOGPROBS
 from seekling.serve.protocol import GenerationRequest, Limits
 from seekling.serve.textstream import render_text
+from seekling.tokenizer import SeeklingTokenizer
 
 log = logging.getLogger("seekling.serve")
 
@@ -123,12 +129,6 @@ class Backend:
     @classmethod
     def load(cls, cfg: ServeConfig) -> Backend:
         """Load the model and tokenizer of cfg.model_dir and build an engine for them."""
-        from seekling.checkpoint import load as load_model
-        from seekling.device import cpu_has_fast_bf16
-        from seekling.inference.engine import Engine, EngineConfig
-        from seekling.inference.sampling import MAX_TOP_LOGPROBS
-        from seekling.tokenizer import SeeklingTokenizer
-
         # On CPUs without native bf16 a bf16 checkpoint runs ~10x slower than fp32 (seekling/device.py).
         model = load_model(cfg.model_dir, dtype=None if cpu_has_fast_bf16() else torch.float32)
         tokenizer = SeeklingTokenizer.load(cfg.model_dir)
@@ -142,7 +142,7 @@ class Backend:
         options.setdefault("max_batch_tokens", max(512, per_step))
         engine = Engine(model, EngineConfig(**options), decode=lambda ids: render_text(tokenizer, ids))
         engine.warm_up()  # with compile=True: compile before the first client waits on it
-        assert MAX_TOP_LOGPROBS >= protocol.MAX_TOP_LOGPROBS, "the engine reports fewer alternatives than OpenAI allows"
+        assert ENGINE_MAX_TOP_LOGPROBS >= OPENAI_MAX_TOP_LOGPROBS, "the engine reports fewer alternatives than OpenAI allows"
         return cls(engine, tokenizer, model_name=cfg.served_name, max_concurrency=cfg.max_concurrency,
                    max_queue=cfg.max_queue, max_n=cfg.max_n)
 
@@ -171,8 +171,6 @@ class Backend:
         if self.failed or self._thread is None:
             why = self.failed or "server not started"
             raise APIError(503, f"the engine is not running ({why}); restart the server", code="engine_dead")
-        from seekling.inference.sampling import SamplingParams
-
         try:
             params = [SamplingParams(**choice) for choice in req.choices]
         except ValueError as e:  # protocol.py checks OpenAI's ranges; this is the engine's own word

@@ -23,6 +23,12 @@ import time
 from pathlib import Path
 
 import torch
+import uvicorn
+
+from seekling.checkpoint import save
+from seekling.model.transformer import Transformer
+from seekling.presets import tiny
+from seekling.tokenizer import load_default_tokenizer
 
 TEST_DIMS = dict(n_layers=2, dim=64, inter_dim=128, n_heads=2, kv_lora_rank=32, qk_nope_head_dim=16,
                  qk_rope_head_dim=8, v_head_dim=16, moe_inter_dim=32, n_routed_experts=4, n_activated_experts=2,
@@ -31,13 +37,9 @@ TEST_DIMS = dict(n_layers=2, dim=64, inter_dim=128, n_heads=2, kv_lora_rank=32, 
 
 def save_random_model(out_dir, *, seed: int = 0, **changes) -> Path:
     """A random model (tiny preset with `changes`, default TEST_DIMS) plus the default tokenizer."""
-    from seekling.model.transformer import Transformer
-    from seekling.presets import tiny
-    from seekling.tokenizer import load_default_tokenizer
-
     model = Transformer(tiny().replace(**(changes or TEST_DIMS)))
     model.init_weights(seed=seed)
-    model.save(out_dir)
+    save(model, out_dir)
     load_default_tokenizer().save(out_dir)
     return Path(out_dir)
 
@@ -45,10 +47,6 @@ def save_random_model(out_dir, *, seed: int = 0, **changes) -> Path:
 @torch.no_grad()
 def save_scripted_model(out_dir, script: list[int], *, after: int, seed: int = 0) -> Path:
     """A model that continues token `after` with `script` (tokens must be distinct, at most dim-1)."""
-    from seekling.model.transformer import Transformer
-    from seekling.presets import tiny
-    from seekling.tokenizer import load_default_tokenizer
-
     chain = [after, *script]
     model = Transformer(tiny().replace(**TEST_DIMS))
     model.init_weights(seed=seed)
@@ -67,7 +65,7 @@ def save_scripted_model(out_dir, script: list[int], *, after: int, seed: int = 0
     for slot in range(K - 1):
         # RMSNorm scales a unit basis vector to sqrt(D); 10 * sqrt(64) = 80 logits over noise ~0.2.
         head[chain[slot + 1], slot] = 10.0
-    model.save(out_dir)
+    save(model, out_dir)
     load_default_tokenizer().save(out_dir)
     return Path(out_dir)
 
@@ -76,8 +74,6 @@ class ServerThread:
     """`with ServerThread(app) as s:` serves app on 127.0.0.1 at s.url until the block ends."""
 
     def __init__(self, app, *, startup_timeout: float = 60.0):
-        import uvicorn
-
         # proto IPPROTO_TCP, not 0: asyncio only sets TCP_NODELAY on sockets that say they are TCP,
         # and without it every keep-alive response waits ~40 ms for a delayed ACK.
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
