@@ -24,3 +24,25 @@ def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16():
         return torch.float32
     return dtype
+
+
+def default_device() -> torch.device:
+    """Where a new training run goes: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A training compute dtype by name; 'auto' is bf16 autocast only where the hardware has native bf16.
+
+    On a CPU, 'auto' is bf16 only with AVX512-BF16 or AMX: everywhere else bf16 is emulated (see
+    above) and fp32 is several times faster. On CUDA it is bf16 where the GPU supports it.
+    """
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name != "auto":
+        raise ValueError(f"unknown compute dtype {name!r}; use 'auto', 'float32' or 'bfloat16'")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32

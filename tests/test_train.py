@@ -11,10 +11,10 @@ from seekling.model.moe import RouterTrace
 from seekling.model.transformer import Transformer
 from seekling.tokenizer import load_default_tokenizer
 from seekling.train.balance import moe_gates, sequence_balance_loss
-from seekling.train.config import TrainConfig
 from seekling.train.samples import sample
 from seekling.train.state import read_metrics
-from seekling.train.trainer import compute_loss, resume, train
+from seekling.train.core import next_token_loss
+from seekling.train.trainer import resume, train
 
 # First losses of tiny_config(max_steps=5) on this repo's code, recorded on a 2-core AVX2 CPU with
 # torch 2.13.0 and checked stable across runs. A refactor that changes any of them changed the math
@@ -29,15 +29,15 @@ def test_golden_losses(data_dir, tmp_path):
 
 
 def test_mtp_loss_targets_token_i_plus_k_plus_1():
-    """compute_loss against a per-position loop over the full window w = x + [last y]."""
+    """next_token_loss against a per-position loop over the full window w = x + [last y]."""
     cfg = TINY_MODEL.replace(n_mtp_layers=2)
     model = Transformer(cfg)
     model.init_weights(1)
     g = torch.Generator().manual_seed(0)
     w = torch.randint(0, cfg.vocab_size, (2, 17), generator=g)
     x, y = w[:, :-1], w[:, 1:]
-    tc = TrainConfig(model=cfg, seq_len=16, mtp_lambda=0.5, seq_aux_alpha=0.0)
-    total, main, mtp = compute_loss(model, x, y, None, tc)
+    out = next_token_loss(mtp_lambda=0.5)(model, (x, y), None)
+    total, main, mtp = out.loss, out.metrics["loss"], out.metrics["mtp_loss"]
     with torch.no_grad():
         h = model.hidden(x)
         depth_losses = []
@@ -56,7 +56,8 @@ def test_sequence_balance_loss_is_added():
     x = torch.randint(0, 4096, (2, 16))
     y = torch.randint(0, 4096, (2, 16))
     trace = RouterTrace()
-    total, main, mtp = compute_loss(model, x, y, trace, TrainConfig(model=TINY_MODEL, seq_len=16, seq_aux_alpha=0.01))
+    out = next_token_loss(mtp_lambda=0.3, seq_aux_alpha=0.01)(model, (x, y), trace)
+    total, main, mtp = out.loss, out.metrics["loss"], out.metrics["mtp_loss"]
     aux = sequence_balance_loss(trace, 0.01)
     assert aux.item() > 0 and len(trace.layers) == 2  # the MoE layer and the MTP block's router
     torch.testing.assert_close(total, main + 0.3 * mtp + aux)

@@ -8,13 +8,14 @@ import torch
 from test_train_support import TINY_MODEL
 from torch.utils.flop_counter import FlopCounterMode
 
+from seekling import device as device_mod
 from seekling.config import ModelConfig
+from seekling.device import resolve_dtype
 from seekling.model.transformer import Transformer
 from seekling.presets import PRESETS
-from seekling.train import speed
 from seekling.train.config import TrainConfig, train_preset
+from seekling.train.flops import train_flops_per_token
 from seekling.train.optim import build_optimizer, lr_at, param_groups
-from seekling.train.speed import resolve_dtype, train_flops_per_token
 
 
 @pytest.mark.parametrize("changes,field", [
@@ -149,10 +150,10 @@ def test_wsd_schedule():
 
 def test_auto_dtype_uses_bf16_only_with_native_support(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(speed, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: False)
     assert resolve_dtype("auto", cpu) == torch.float32
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16  # explicit choice is honoured
-    monkeypatch.setattr(speed, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: True)
     assert resolve_dtype("auto", cpu) == torch.bfloat16
     assert resolve_dtype("float32", cpu) == torch.float32
 

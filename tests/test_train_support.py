@@ -41,6 +41,9 @@ def _private_cache(tmp_path_factory, monkeypatch):
 def tiny_config(data_dir, out_dir, **changes) -> TrainConfig:
     fields = dict(model=TINY_MODEL, data=str(data_dir / "data.txt"), token_cache_dir=str(data_dir / "cache"),
                   out_dir=str(out_dir), batch_size=4, seq_len=32, max_steps=12, warmup_steps=2, lr=3e-3,
-                  log_every=1, eval_every=6, eval_batches=2, ckpt_every=4, seed=0, seq_aux_alpha=1e-4)
+                  log_every=1, eval_every=6, eval_batches=2, ckpt_every=4, seed=0, seq_aux_alpha=1e-4,
+                  # pinned: "auto" picks bf16 on CPUs with native bf16 and fp32 elsewhere, and the
+                  # numbers these tests compare must not depend on which CPU runs them
+                  dtype="float32")
     fields.update(changes)
     return TrainConfig(**fields)

@@ -93,20 +93,33 @@ class Experts(nn.Module):
         dtype = _compute_dtype(x, self.w13)
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if torch.compiler.is_compiling():
+            if torch.is_grad_enabled():
+                # A graph with gradients (a compiled training step): grouped_mm has no fp32
+                # fake-tensor kernel on CPU in torch 2.13 (it asserts bf16), so the experts run
+                # eagerly behind a graph break and the rest of the block stays fused.
+                return _grouped_outside_graph(self, x, weights, idx, dtype).to(out_dtype)
             return self._forward_gathered(x, weights, idx, dtype).to(out_dtype)
         # CPU only: reading the expert ids back (tolist) would stall a GPU's stream every layer.
         if x.device.type == "cpu" and 0 < N * K <= self.w13.shape[0] // 2:
             return self._forward_few(x, weights, idx, dtype).to(out_dtype)
+        return self._forward_grouped(x, weights, idx, dtype).to(out_dtype)
+
+    def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, dtype) -> torch.Tensor:
+        """Sort the pairs by expert, two grouped GEMMs, scatter back: the training and prefill path."""
+        N, K = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # (S,) pairs sorted by expert
         offs = torch.bincount(flat, minlength=self.w13.shape[0]).cumsum(0).to(torch.int32)
         token = order // K
-        xs = x[token].to(dtype)  # (S,D)
+        # index_select, not x[token]: the backward of advanced indexing is index_put_(accumulate=True),
+        # which on CPU sums the K copies of a token from several threads in a varying order (runs
+        # differed from step ~10 on a 2-core AVX-512 EPYC); index_add_, its backward here, is ordered.
+        xs = x.index_select(0, token).to(dtype)  # (S,D)
         gate, up = F.grouped_mm(xs, self.w13.to(dtype).transpose(-2, -1), offs=offs).chunk(2, dim=-1)
         # Scale by the routing weight before the down projection: it is linear, and I < D usually.
         h = F.silu(gate) * up * weights.flatten()[order].unsqueeze(-1).to(dtype)
         y = F.grouped_mm(h, self.w2.to(dtype).transpose(-2, -1), offs=offs)  # (S,D)
-        return torch.zeros(N, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y).to(out_dtype)
+        return torch.zeros(N, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y)
 
     def _forward_few(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, dtype) -> torch.Tensor:
         """Few (token, expert) pairs, as in a decode step: one matrix-vector product per pair.
@@ -156,6 +169,9 @@ class Experts(nn.Module):
             y = (F.silu(h[:, :I]) * h[:, I:]) @ self.w2[e].t()
             out = out.index_add(0, token, y * weights[token, slot].unsqueeze(-1).to(y.dtype))
         return out
+
+
+_grouped_outside_graph = torch.compiler.disable(Experts._forward_grouped)
 
 
 class MoE(nn.Module):

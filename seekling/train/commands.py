@@ -8,6 +8,10 @@ come out as ValueError / FileNotFoundError with a sentence saying what to change
 from __future__ import annotations
 
 from seekling.train.config import train_preset
+from seekling.train.demo import run_demo
+from seekling.train.plan import plan_steps
+from seekling.train.plots import plot_run
+from seekling.train.trainer import resume, train
 
 
 def train_command(preset: str = "tiny", *, out_dir: str | None = None, data: str | None = None,
@@ -23,9 +27,6 @@ def train_command(preset: str = "tiny", *, out_dir: str | None = None, data: str
     max_steps up front (written to the run's config, so the schedule and a resume stay
     deterministic), and the limit itself stops training cleanly if the machine then runs slower.
     """
-    from seekling.train.speed import plan_steps
-    from seekling.train.trainer import train
-
     cfg = train_preset(preset, out_dir=out_dir, data=data, max_steps=max_steps, token_budget=token_budget,
                        batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr, schedule=schedule,
                        warmup_steps=warmup_steps, dtype=dtype, compile=compile, seed=seed, eval_every=eval_every,
@@ -42,21 +43,18 @@ def train_command(preset: str = "tiny", *, out_dir: str | None = None, data: str
 
 def resume_command(run_dir: str) -> dict:
     """`seekling train --resume RUN_DIR`: continue a run from its newest complete checkpoint."""
-    from seekling.train.trainer import resume
 
     return resume(run_dir)
 
 
 def demo_command(out_dir: str = "runs/demo", time_budget_s: float = 450.0, prompt: str = "ROMEO:") -> dict:
     """`seekling demo`: tiny model, embedded corpus, ~7.5 minutes, samples, plots, next steps."""
-    from seekling.train.demo import run_demo
 
     return run_demo(out_dir, time_budget_s=time_budget_s, prompt=prompt)
 
 
 def plot_command(run_dir: str) -> list[str]:
     """`seekling plot RUN_DIR`: (re)draw a run's PNGs from its metrics.jsonl; returns their paths."""
-    from seekling.train.plots import plot_run
 
     paths = plot_run(run_dir)
     for p in paths:

@@ -160,7 +160,7 @@ _PRESET_TRAIN = {
     # The demo (seekling/train/demo.py) sizes its own step count to its time budget.
     "tiny": dict(batch_size=8, seq_len=256, lr=3e-3, warmup_steps=30, max_steps=400, eval_every=100, ckpt_every=100,
                  bias_update_gamma=1e-2),
-    # ~1 hour on the same CPU: 120 MFLOP per trained token (seekling.train.speed.train_flops_per_token)
+    # ~1 hour on the same CPU: 120 MFLOP per trained token (seekling.train.flops.train_flops_per_token)
     # at ~75 GFLOP/s is ~600 tokens/s, so 550 steps of 8x512 tokens.
     "small": dict(batch_size=8, seq_len=512, lr=2e-3, warmup_steps=40, max_steps=550, eval_every=110, ckpt_every=55,
                   bias_update_gamma=1e-2),

@@ -16,14 +16,16 @@ import shutil
 import time
 from pathlib import Path
 
+from seekling.checkpoint import load
 from seekling.data.dataset import TrainLoader, prepare_tokens
 from seekling.model.transformer import Transformer
 from seekling.tokenizer import load_default_tokenizer
 from seekling.train import state as run_state
 from seekling.train.config import train_preset
+from seekling.train.plots import plot_run
 from seekling.train.progress import fmt_duration
 from seekling.train.samples import sample
-from seekling.train.speed import measure_step_time
+from seekling.train.plan import measure_step_time
 from seekling.train.trainer import resume, train
 
 DEMO_PROMPT = "ROMEO:"
@@ -98,9 +100,6 @@ def run_demo(out_dir: str = "runs/demo", time_budget_s: float = 450.0, prompt: s
               else train(cfg, on_step=on_step, live=live))
     if result["stopped"] and "time limit" not in result["stopped"]:
         return result  # SIGINT/SIGTERM: the trainer said how to continue
-    from seekling.checkpoint import load
-    from seekling.train.plots import plot_run
-
     show(f"after {result['step']} steps", load(run_dir / run_state.MODEL_DIR))
     if result["stopped"]:  # this machine ran slower than measured (another busy process?): keep the promise
         plot_run(run_dir)

@@ -1,5 +1,4 @@
-"""Throughput bookkeeping: the compute dtype, this machine's measured matmul peak, FLOPs per
-training token, MFU, and the optional torch.compile setup.
+"""FLOP accounting for MFU: this machine's measured matmul peak and the FLOPs of one trained token.
 
 MFU here is measured against what a plain 1024^3 matmul achieves on this machine in the chosen
 dtype, not against a datasheet number: CPUs have no datasheet peak that PyTorch can reach (and a
@@ -10,8 +9,6 @@ Left out: per-op roofline accounting (memory-bound ops are simply part of the ga
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import os
 import platform
@@ -19,32 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from seekling.config import ModelConfig
-from seekling.device import cpu_has_fast_bf16
-from seekling.model.moe import Experts
 from seekling.stats import model_stats
 
 _PEAKS: dict[tuple[str, torch.dtype], float] = {}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 autocast only where the hardware has native bf16, else fp32."""
-    if name == "float32":
-        return torch.float32
-    if name == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-
-
-def autocast(dtype: torch.dtype, device: torch.device):
-    """bf16 autocast with fp32 master weights, or nothing for fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _peak_cache() -> Path:
@@ -134,66 +110,3 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         block = cfg.replace(n_layers=1, n_dense_layers=0 if cfg.n_routed_experts else 1, n_mtp_layers=0)
         fwd += cfg.n_mtp_layers * (model_stats(block, context=seq_len).flops_per_token + 2 * 2 * cfg.dim * cfg.dim)
     return 3 * fwd
-
-
-def measure_step_time(cfg, loader, model: nn.Module, n: int = 3) -> float:
-    """Fastest of n optimizer steps of TrainConfig `cfg`, timed on a copy of `model` (which stays untouched).
-
-    The fastest, not the median: another busy process makes single steps slow for a moment, and
-    a probe that lands in such a moment would shrink a whole planned run (measured: 8.7 s instead
-    of ~1 s per step). A run that turns out slower is stopped cleanly by its time limit.
-    """
-    from seekling.model.moe import RouterTrace
-    from seekling.train.optim import build_optimizer
-    from seekling.train.trainer import compute_loss
-
-    device = next(model.parameters()).device
-    probe = copy.deepcopy(model).train()
-    opt = build_optimizer(probe, cfg)
-    dtype = resolve_dtype(cfg.dtype, device)
-    times = []
-    for i in range(n + 1):  # the first step warms up kernels and allocations
-        t = time.perf_counter()
-        for micro in range(cfg.grad_accum):
-            x, y = loader.batch(i * cfg.grad_accum + micro)
-            with autocast(dtype, device):
-                loss, _, _ = compute_loss(probe, x.to(device), y.to(device), RouterTrace(), cfg)
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def plan_steps(cfg, seconds: float) -> tuple[int, float]:
-    """How many steps of `cfg` fit in `seconds` of training here (evaluations included), and the measured s/step."""
-    from seekling.data.dataset import TrainLoader, prepare_tokens
-    from seekling.model.transformer import Transformer
-    from seekling.tokenizer import load_default_tokenizer
-
-    data = prepare_tokens(cfg.data, load_default_tokenizer(), cache_dir=cfg.token_cache_dir).split("train")
-    loader = TrainLoader(data=data, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
-    model = Transformer(cfg.model_config).to("cuda" if torch.cuda.is_available() else "cpu")
-    step_s = measure_step_time(cfg, loader, model)
-    # an evaluation is eval_batches forward passes, each under a third of a training step
-    eval_share = cfg.eval_batches / 3 / cfg.eval_every if cfg.eval_every else 0.0
-    return max(1, int(seconds / (step_s * (1 + eval_share)))), step_s
-
-
-def compile_model(model: nn.Module) -> None:
-    """Compile each block (and MTP block) in place; the routed experts stay eager.
-
-    The experts' grouped_mm has no fp32 fake-tensor kernel on CPU in torch 2.13 (it asserts bf16),
-    so torch.compile cannot trace through it; a graph break around the experts keeps the rest fused.
-    Measured on the tiny preset (2-core AVX2): ~12% faster steps after a ~60 s cold compile.
-    """
-    for m in model.modules():
-        if isinstance(m, Experts):
-            m.forward = torch.compiler.disable(m.forward)
-    for block in model.layers:
-        block.compile()
-    for layer in model.mtp:
-        layer.compile()

@@ -37,6 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from seekling.checkpoint import from_hf_state_dict, read_tensors, save
 from seekling.train.config import TrainConfig
 
 TRAIN_CONFIG = "train_config.json"
@@ -174,7 +175,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, tokenizer, state: dict, kee
     final, tmp = run_dir / name, run_dir / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
     tmp.mkdir(parents=True)
-    model.save(tmp, stop_token_ids=(tokenizer.eot_id,))  # chat turns end at <|end_of_turn|>
+    save(model, tmp, stop_token_ids=(tokenizer.eot_id,))  # chat turns end at <|end_of_turn|>
     tokenizer.save(tmp)
     tensors = _optimizer_tensors(model, optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -239,8 +240,6 @@ def publish_model(run_dir: Path, ckpt: Path) -> Path:
 
 def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
     """Restore model weights (and expert biases), AdamW state and RNG states in place; returns state.json."""
-    from seekling.checkpoint import from_hf_state_dict, read_tensors
-
     state = read_state(ckpt)
     if state is None:
         raise ValueError(f"{ckpt} is not a complete checkpoint (no valid {STATE}); delete it to resume from an earlier one")

@@ -1,17 +1,17 @@
-"""The training loop, readable top to bottom (nanoGPT's train.py is the model).
+"""`seekling train`: the pretraining driver, a thin loop over the shared training step (core.py).
 
     train(cfg)        start a run in cfg.out_dir
-    resume(run_dir)   continue a run from its newest complete checkpoint, bit-exactly on CPU
+    resume(run_dir)   continue a run from its newest complete checkpoint, bit-exactly
 
-One optimizer step: for each of `grad_accum` micro-batches, forward with a RouterTrace, loss =
-next-token CE + mtp_lambda * mean MTP CE (+ the optional sequence-wise balance loss), backward;
-then clip, AdamW step, and the aux-loss-free expert-bias update from the routing counts summed over
-the micro-batches (so accumulation sees one update per step, as a bigger batch would).
+The driver owns what is particular to a pretraining run: the data (TrainLoader is pure in seed and
+step), the learning-rate schedule, evaluation, logs, samples via `on_step`, checkpoints and signals.
+The step itself (forward/loss, backward with accumulation, clip, AdamW, expert-bias update) is
+`core.TrainStep`, shared with SFT, RL and distributed drivers.
 
-Everything that decides the numbers is a function of (config, step): the batches (TrainLoader is
-pure in seed and step), the learning rate, the weights and AdamW moments restored from the
-checkpoint. That is what makes a resumed run repeat the uninterrupted one exactly - on the same
-machine, torch version and thread count (a different thread count changes float summation order).
+Everything that decides the numbers is a function of (config, step): the batches, the learning
+rate, the weights and AdamW moments restored from the checkpoint. That is what makes a resumed run
+repeat the uninterrupted one exactly - on the same machine, torch version and thread count (a
+different thread count changes float summation order).
 Left out: data/tensor/expert parallelism (they would live beside this file) and gradient
 checkpointing (the presets fit without it).
 """
@@ -22,28 +22,22 @@ import math
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from seekling.data.dataset import TrainLoader, ValLoader, bits_per_byte, prepare_tokens
-from seekling.device import cpu_has_fast_bf16
-from seekling.model.moe import RouterTrace
+from seekling.device import cpu_has_fast_bf16, default_device, resolve_dtype
 from seekling.model.transformer import Transformer
-from seekling.tokenizer import load_default_tokenizer
+from seekling.tokenizer import SeeklingTokenizer, load_default_tokenizer
 from seekling.train import state as run_state
-from seekling.train.balance import moe_gates, sequence_balance_loss, update_expert_bias
 from seekling.train.config import TrainConfig
-from seekling.train.optim import build_optimizer, lr_at, set_lr
+from seekling.train.core import StepConfig, TrainStep, evaluate, next_token_loss
+from seekling.train.flops import measure_peak_flops, train_flops_per_token
+from seekling.train.optim import build_optimizer, lr_at
+from seekling.train.plots import plot_run
 from seekling.train.progress import Display, MetricsLog, fmt_duration
-from seekling.train.speed import (
-    autocast,
-    compile_model,
-    measure_peak_flops,
-    resolve_dtype,
-    train_flops_per_token,
-)
 
 
 def train(cfg: TrainConfig, *, on_step=None, live: bool | None = None, plots: bool = True) -> dict:
@@ -66,36 +60,6 @@ def resume(run_dir: str, *, on_step=None, live: bool | None = None, plots: bool 
     return _fit(cfg, run_dir, ckpt, on_step=on_step, live=live, plots=plots)
 
 
-def compute_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, trace: RouterTrace | None, cfg: TrainConfig):
-    """(total loss, main CE, mean MTP CE or None) for one micro-batch; x, y (B,T)."""
-    h = model.hidden(x, trace=trace)
-    main = F.cross_entropy(model.head(h).flatten(0, 1).float(), y.flatten())
-    loss, mtp = main, None
-    if cfg.mtp_lambda > 0 and model.cfg.n_mtp_layers > 0:
-        # depth k's hidden at position i predicts token i+k+1, which is y[:, i+k]
-        depths = model.mtp_hidden(h, x, trace)
-        mtp = sum(F.cross_entropy(model.head(hk).flatten(0, 1).float(), y[:, k:].flatten())
-                  for k, hk in enumerate(depths, start=1)) / len(depths)
-        loss = loss + cfg.mtp_lambda * mtp
-    if cfg.seq_aux_alpha > 0 and trace is not None and trace.layers:
-        loss = loss + sequence_balance_loss(trace, cfg.seq_aux_alpha)
-    return loss, main, mtp
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, val: ValLoader, n_bytes: int, dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
-    """Mean next-token loss (nats) over the fixed validation windows, and bits per byte."""
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64)
-    for x, y in val:
-        with autocast(dtype, device):
-            logits = model(x.to(device))
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum").double().cpu()
-    model.train()
-    mean = total.item() / val.n_target_tokens
-    return mean, bits_per_byte(mean, val.n_target_tokens, n_bytes)
-
-
 class StopSignals:
     """SIGINT/SIGTERM ask the loop to finish its step, save and exit; a second SIGINT aborts at once."""
 
@@ -116,111 +80,122 @@ class StopSignals:
             signal.signal(sig, old)
 
 
-def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plots) -> dict:
-    session_start = time.perf_counter()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    say = print
+@dataclass
+class _Run:
+    """Everything one training session holds: built fresh, or restored from a checkpoint."""
 
-    # ---- data: tokenized once and cached; batches are a pure function of (seed, step)
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: SeeklingTokenizer
+    train_data: TrainLoader
+    val_data: ValLoader
+    source: str  # where the data came from, for the header line
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    tokens: int = 0
+    elapsed_before: float = 0.0  # training time of earlier sessions
+
+
+def _open_run(cfg: TrainConfig, run_dir: Path, ckpt: Path | None) -> _Run:
+    """Data (tokenized once and cached; batches are a pure function of (seed, step)), model and optimizer."""
+    device = default_device()
     tokenizer = load_default_tokenizer()
     model_cfg = cfg.model_config
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"the model's vocab_size ({model_cfg.vocab_size}) is smaller than the tokenizer's "
                          f"({tokenizer.vocab_size}); use a model config with vocab_size >= {tokenizer.vocab_size}")
     shards = prepare_tokens(cfg.data, tokenizer, cache_dir=cfg.token_cache_dir)
-    train_data = TrainLoader(data=shards.split("train"), batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
-    val_data = ValLoader(data=shards.split("val"), batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
-    val_bytes = val_data.n_target_bytes
-
-    # ---- model and optimizer, fresh or restored
     model = Transformer(model_cfg)
     model.init_weights(cfg.seed)
     model.to(device).train()
-    optimizer = build_optimizer(model, cfg)
-    step, tokens, elapsed_before, dtype = 0, 0, 0.0, resolve_dtype(cfg.dtype, device)
+    run = _Run(cfg=cfg, run_dir=run_dir, device=device, dtype=resolve_dtype(cfg.dtype, device), tokenizer=tokenizer,
+               train_data=TrainLoader(data=shards.split("train"), batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                                      seed=cfg.seed),
+               val_data=ValLoader(data=shards.split("val"), batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                                  max_batches=cfg.eval_batches),
+               source=shards.source, model=model, optimizer=build_optimizer(model, cfg))
     if ckpt is not None:
-        st = run_state.load_checkpoint(ckpt, model, optimizer)
-        step, tokens, elapsed_before = st["step"], st["tokens"], st["elapsed"]
-        dtype = getattr(torch, st.get("dtype", str(dtype).removeprefix("torch.")))  # the dtype the run started with
-        say(f"resuming {run_dir} from {ckpt.name} (step {step}/{cfg.steps}, {tokens:,} tokens)")
-    run_state.truncate_metrics(run_dir, step)
-    start_step = step
-    n_gates = len(moe_gates(model))
-    if cfg.compile:
-        compile_model(model)
-        say("torch.compile enabled: the first step includes compilation (about a minute on a laptop CPU)")
+        st = run_state.load_checkpoint(ckpt, model, run.optimizer)
+        run.step, run.tokens, run.elapsed_before = st["step"], st["tokens"], st["elapsed"]
+        run.dtype = getattr(torch, st.get("dtype", str(run.dtype).removeprefix("torch.")))  # the dtype the run started with
+        print(f"resuming {run_dir} from {ckpt.name} (step {run.step}/{cfg.steps}, {run.tokens:,} tokens)")
+    return run
 
+
+def _val_metrics(run: _Run) -> dict:
+    total, _ = evaluate(run.model, run.val_data, run.dtype)
+    mean = total / run.val_data.n_target_tokens
+    return {"val_loss": mean, "val_bpb": bits_per_byte(mean, run.val_data.n_target_tokens, run.val_data.n_target_bytes)}
+
+
+def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plots) -> dict:
+    session_start = time.perf_counter()
+    run = _open_run(cfg, run_dir, ckpt)
+    model, dtype, device = run.model, run.dtype, run.device
+    run_state.truncate_metrics(run_dir, run.step)
+    start_step = run.step
+    train_step = TrainStep(model, run.optimizer, next_token_loss(cfg.mtp_lambda, cfg.seq_aux_alpha),
+                           StepConfig(dtype=dtype, grad_clip=cfg.grad_clip, bias_update_gamma=cfg.bias_update_gamma,
+                                      compile=cfg.compile))
+    if cfg.compile:
+        print("torch.compile enabled: the first step includes compilation (about a minute on a laptop CPU)")
+
+    model_cfg = cfg.model_config
     flops_per_token = train_flops_per_token(model_cfg if cfg.mtp_lambda > 0 else model_cfg.replace(n_mtp_layers=0), cfg.seq_len)
     peak = measure_peak_flops(dtype, device)
     bf16_peak = peak if dtype == torch.bfloat16 else measure_peak_flops(torch.bfloat16, device)
-    say(f"model {model.num_params() / 1e6:.1f}M parameters ({model.num_params(active=True) / 1e6:.1f}M active), "
-        f"{cfg.tokens_per_step:,} tokens/step, {cfg.steps} steps, data: {shards.source} "
-        f"({train_data.data.n_tokens:,} train tokens)")
-    say(f"compute: {str(dtype).removeprefix('torch.')} on {device.type}; measured matmul peak "
-        f"{peak / 1e12:.3f} TFLOP/s ({bf16_peak / 1e12:.3f} in bf16); MFU is relative to it")
+    print(f"model {model.num_params() / 1e6:.1f}M parameters ({model.num_params(active=True) / 1e6:.1f}M active), "
+          f"{cfg.tokens_per_step:,} tokens/step, {cfg.steps} steps, data: {run.source} "
+          f"({run.train_data.data.n_tokens:,} train tokens)")
+    print(f"compute: {str(dtype).removeprefix('torch.')} on {device.type}; measured matmul peak "
+          f"{peak / 1e12:.3f} TFLOP/s ({bf16_peak / 1e12:.3f} in bf16); MFU is relative to it")
     if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
-        say(f"warning: this CPU has no native bf16, so bf16 matmuls are emulated ({peak / measure_peak_flops(torch.float32):.0%} "
-            "of the fp32 speed measured above); --dtype auto would train in fp32")
+        print(f"warning: this CPU has no native bf16, so bf16 matmuls are emulated ({peak / measure_peak_flops(torch.float32):.0%} "
+              "of the fp32 speed measured above); --dtype auto would train in fp32")
 
     def state_now() -> dict:
         # the data position is (seed, step): TrainLoader.batch is a pure function of them
-        return {"step": step, "tokens": tokens, "elapsed": elapsed_before + time.perf_counter() - session_start,
-                "dtype": str(dtype).removeprefix("torch."), "finished": step >= cfg.steps,
-                "data": {"seed": cfg.seed, "next_micro_batch": step * cfg.grad_accum}, "train_config": cfg.to_dict()}
+        return {"step": run.step, "tokens": run.tokens,
+                "elapsed": run.elapsed_before + time.perf_counter() - session_start,
+                "dtype": str(dtype).removeprefix("torch."), "finished": run.step >= cfg.steps,
+                "data": {"seed": cfg.seed, "next_micro_batch": run.step * cfg.grad_accum}, "train_config": cfg.to_dict()}
+
+    def save() -> None:
+        run_state.save_checkpoint(run_dir, model, run.optimizer, run.tokenizer, state_now())
 
     # ---- the loop
     log = MetricsLog(run_dir / run_state.METRICS)
-    display = Display(cfg.steps, step, live=live)
+    display = Display(cfg.steps, run.step, live=live)
     last_val, saved_at, stop_reason = None, None, None
     t_log, tokens_log = time.perf_counter(), 0
     try:
         with StopSignals() as signals:
-            while step < cfg.steps:
-                lr = lr_at(step, cfg)
-                set_lr(optimizer, lr)
-                loss_sum = torch.zeros(())
-                mtp_sum = torch.zeros(())
-                counts = torch.zeros(n_gates, model_cfg.n_routed_experts, dtype=torch.long) if n_gates else None
-                for micro in range(cfg.grad_accum):
-                    x, y = train_data.batch(step * cfg.grad_accum + micro)
-                    x, y = x.to(device), y.to(device)
-                    trace = RouterTrace() if n_gates else None
-                    with autocast(dtype, device):
-                        loss, main, mtp = compute_loss(model, x, y, trace, cfg)
-                    (loss / cfg.grad_accum).backward()
-                    loss_sum += main.detach().cpu()
-                    if mtp is not None:
-                        mtp_sum += mtp.detach().cpu()
-                    if trace is not None:
-                        c = trace.expert_counts().cpu()
-                        counts[: c.shape[0]] += c  # MTP routers see no tokens when the MTP loss is off
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if counts is not None and cfg.bias_update_gamma > 0:
-                    # after the step, from the whole step's loads: DeepSeek-V3 updates the bias "at the end of each step"
-                    update_expert_bias(model, counts.to(device), cfg.bias_update_gamma)
-                step += 1
-                tokens += cfg.tokens_per_step
+            while run.step < cfg.steps:
+                lr = lr_at(run.step, cfg)
+                first = run.step * cfg.grad_accum
+                metrics = train_step([run.train_data.batch(first + micro) for micro in range(cfg.grad_accum)], lr)
+                run.step += 1
+                run.tokens += cfg.tokens_per_step
                 tokens_log += cfg.tokens_per_step
+                step = run.step
 
                 # ---- evaluate, log, checkpoint
                 last = step == cfg.steps
                 evaluating = last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
-                if step % cfg.log_every == 0 or evaluating or last:
+                if step % cfg.log_every == 0 or evaluating:
                     tps = tokens_log / (time.perf_counter() - t_log)
-                    row = {"step": step, "tokens": tokens, "loss": loss_sum.item() / cfg.grad_accum,
-                           "mtp_loss": mtp_sum.item() / cfg.grad_accum if model_cfg.n_mtp_layers and cfg.mtp_lambda > 0 else None,
-                           "lr": lr, "tok_per_s": tps, "mfu": tps * flops_per_token / peak,
-                           "elapsed": state_now()["elapsed"]}
-                    if counts is not None:
-                        row["expert_load"] = counts.tolist()
+                    row = {"step": step, "tokens": run.tokens, "loss": metrics["loss"],
+                           "mtp_loss": metrics.get("mtp_loss"), "lr": lr, "grad_norm": metrics.get("grad_norm"),
+                           "tok_per_s": tps, "mfu": tps * flops_per_token / peak, "elapsed": state_now()["elapsed"]}
+                    if "expert_load" in metrics:
+                        row["expert_load"] = metrics["expert_load"]
                     if evaluating:  # after the throughput reading: evaluation is not training speed
-                        val_loss, val_bpb = evaluate(model, val_data, val_bytes, dtype, device)
-                        row |= {"val_loss": val_loss, "val_bpb": val_bpb}
-                        last_val = (val_loss, val_bpb)
-                        display.message(f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte")
+                        row |= _val_metrics(run)
+                        last_val = (row["val_loss"], row["val_bpb"])
+                        display.message(f"step {step}: val loss {last_val[0]:.4f}, {last_val[1]:.4f} bits/byte")
                     if not math.isfinite(row["loss"]):
                         raise FloatingPointError(f"training loss became {row['loss']} at step {step}; lower lr "
                                                  f"(now {cfg.lr}) or raise warmup_steps, then start a new run")
@@ -237,7 +212,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, p
                 if stop_reason is None and cfg.time_limit_s is not None and session > cfg.time_limit_s and not last:
                     stop_reason = f"time limit of {fmt_duration(cfg.time_limit_s)} reached"
                 if last or stop_reason or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0):
-                    run_state.save_checkpoint(run_dir, model, optimizer, tokenizer, state_now())
+                    save()
                     saved_at = step
                 t_log += time.perf_counter() - t_aside
                 if stop_reason:
@@ -246,9 +221,16 @@ def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, p
         display.close()
         log.close()
 
+    step = run.step
     if saved_at != step and step != start_step:  # (a resumed finished run trains nothing and saves nothing)
-        run_state.save_checkpoint(run_dir, model, optimizer, tokenizer, state_now())
-    result = {k: v for k, v in state_now().items() if k not in ("data", "train_config")}
+        save()
+    return _report(run, state_now(), start_step, stop_reason, last_val, plots)
+
+
+def _report(run: _Run, state: dict, start_step: int, stop_reason: str | None, last_val, plots: bool) -> dict:
+    """The result dict (final metrics from metrics.jsonl), the closing line, and the plots."""
+    run_dir, step, cfg = run.run_dir, run.step, run.cfg
+    result = {k: v for k, v in state.items() if k not in ("data", "train_config")}
     result |= {"run_dir": str(run_dir), "model_dir": str(run_dir / run_state.MODEL_DIR), "stopped": stop_reason}
     rows = run_state.read_metrics(run_dir)
     if rows:
@@ -257,16 +239,14 @@ def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, p
     if vals:
         result |= {"val_loss": vals[-1]["val_loss"], "val_bpb": vals[-1]["val_bpb"]}
     if stop_reason:
-        say(f"stopped at step {step}/{cfg.steps} ({stop_reason}); checkpoint saved. Continue with:\n"
-            f"  seekling train --resume {run_dir}")
+        print(f"stopped at step {step}/{cfg.steps} ({stop_reason}); checkpoint saved. Continue with:\n"
+              f"  seekling train --resume {run_dir}")
     elif step == start_step:
-        say(f"{run_dir} already finished its {cfg.steps} steps; nothing to train (model in {run_dir / run_state.MODEL_DIR})")
+        print(f"{run_dir} already finished its {cfg.steps} steps; nothing to train (model in {run_dir / run_state.MODEL_DIR})")
     else:
         if plots:
-            from seekling.train.plots import plot_run
-
             plot_run(run_dir)
-        say(f"done: {step} steps, {tokens:,} tokens in {fmt_duration(result['elapsed'])}"
-            + (f"; val loss {last_val[0]:.4f}, {last_val[1]:.4f} bits/byte" if last_val else "")
-            + f"; model in {run_dir / run_state.MODEL_DIR}, plots in {run_dir}")
+        print(f"done: {step} steps, {run.tokens:,} tokens in {fmt_duration(result['elapsed'])}"
+              + (f"; val loss {last_val[0]:.4f}, {last_val[1]:.4f} bits/byte" if last_val else "")
+              + f"; model in {run_dir / run_state.MODEL_DIR}, plots in {run_dir}")
     return result

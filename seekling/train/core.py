@@ -1,0 +1,179 @@
+"""The training step every driver shares: pretraining, SFT, RL and (later) torchrun.
+
+    step = TrainStep(model, optimizer, next_token_loss(mtp_lambda=0.3), StepConfig(dtype=torch.float32))
+    metrics = step([batch0, batch1], lr=3e-3)     # one optimizer step over two micro-batches
+
+One step: for each micro-batch, forward and loss under the compute dtype's autocast (the loss is a
+plug-in: next-token CE with MTP for pretraining, the same CE over masked targets for SFT, a policy-
+gradient loss for RL), backward of loss / n_micro; then clip, optimizer step, zero the grads, and
+the aux-loss-free expert-bias update from the routing counts of the whole step (DeepSeek-V3 updates
+the bias "at the end of each step"; summed over micro-batches, accumulation sees one update, as a
+bigger batch would). A distributed driver passes `reduce_counts` (an all-reduce of the (layers, E)
+counts) so that every rank applies the same update.
+
+Compilation is applied by wrapping: `StepConfig(compile=True)` compiles the loss function (the
+model's forward inlined into it), and the model's modules are never replaced or patched. The
+engine, evaluation and checkpoints use the very same parameters through the plain modules, so a
+model being trained can be sampled from at any time without recompiling anything.
+Left out: the learning-rate schedule (the driver passes lr; schedules live in optim.py) and data
+loading (drivers hand over micro-batches; tensors are moved to the model's device here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seekling.model.moe import RouterTrace
+from seekling.train.balance import moe_gates, sequence_balance_loss, update_expert_bias
+
+
+@dataclass
+class LossOutput:
+    """What a loss function returns for one micro-batch: the tensor to differentiate, and the
+    detached scalars to log (averaged over micro-batches by the step)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# loss_fn(model, batch, trace) -> LossOutput; `batch` is whatever the driver's loader yields.
+LossFn = Callable[[nn.Module, object, RouterTrace | None], LossOutput]
+
+
+def next_token_loss(mtp_lambda: float = 0.0, seq_aux_alpha: float = 0.0) -> LossFn:
+    """Next-token cross-entropy (+ mtp_lambda * mean MTP CE, + the sequence-wise balance loss).
+
+    The batch is (x, y) token ids (B, T). Targets equal to -100 are ignored (cross_entropy's
+    ignore_index), which is all a masked SFT loss needs: only assistant tokens carry targets.
+    """
+
+    def loss_fn(model, batch, trace):
+        x, y = batch
+        h = model.hidden(x, trace=trace)
+        main = F.cross_entropy(model.head(h).flatten(0, 1).float(), y.flatten())
+        loss, metrics = main, {"loss": main.detach()}
+        if mtp_lambda > 0 and model.cfg.n_mtp_layers > 0:
+            # depth k's hidden at position i predicts token i+k+1, which is y[:, i+k]
+            depths = model.mtp_hidden(h, x, trace)
+            mtp = sum(F.cross_entropy(model.head(hk).flatten(0, 1).float(), y[:, k:].flatten())
+                      for k, hk in enumerate(depths, start=1)) / len(depths)
+            loss = loss + mtp_lambda * mtp
+            metrics["mtp_loss"] = mtp.detach()
+        if seq_aux_alpha > 0 and trace is not None and trace.layers:
+            loss = loss + sequence_balance_loss(trace, seq_aux_alpha)
+        return LossOutput(loss, metrics)
+
+    return loss_fn
+
+
+def autocast(dtype: torch.dtype, device: torch.device):
+    """bf16 autocast with fp32 master weights, or nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_device(batch, device: torch.device):
+    """Move every tensor of a (nested tuple/list/dict) batch to `device`."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepConfig:
+    """How one optimizer step runs; what it optimizes is the model, optimizer and loss passed beside it."""
+
+    dtype: torch.dtype = torch.float32  # compute dtype: bf16 autocast over fp32 master weights, or fp32
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    bias_update_gamma: float = 0.0  # aux-loss-free balancing speed; 0 turns it off
+    compile: bool = False  # torch.compile the loss function (the model's forward inside it), by wrapping
+
+    def __post_init__(self):
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"StepConfig.dtype: must be torch.float32 or torch.bfloat16, got {self.dtype}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"StepConfig.grad_clip: must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if not self.bias_update_gamma >= 0:
+            raise ValueError(f"StepConfig.bias_update_gamma: must be >= 0 (0 disables it), got {self.bias_update_gamma}")
+
+
+class TrainStep:
+    """One optimizer step over a list of micro-batches; returns the step's metrics.
+
+    Metrics: every key a loss reported, averaged over micro-batches (as Python floats), plus
+    `grad_norm` (before clipping) and `expert_load` ((MoE layers, E) token counts, summed over the
+    step and, with `reduce_counts`, over ranks) for a model with experts.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
+                 config: StepConfig | None = None, *,
+                 reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.model, self.optimizer, self.config = model, optimizer, config or StepConfig()
+        self.device = next(model.parameters()).device
+        self.n_gates = len(moe_gates(model))
+        self.n_experts = getattr(model.cfg, "n_routed_experts", 0)
+        self.reduce_counts = reduce_counts
+        # A wrapper, not model.compile(): the caller's modules stay as they were, so the engine and
+        # evaluation run the plain forward over the same parameters.
+        self.loss_fn = torch.compile(loss_fn) if self.config.compile else loss_fn
+
+    def __call__(self, micro_batches: Sequence, lr: float | None = None) -> dict:
+        if not micro_batches:
+            raise ValueError("TrainStep needs at least one micro-batch")
+        cfg, model = self.config, self.model
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        sums: dict[str, torch.Tensor] = {}
+        counts = torch.zeros(self.n_gates, self.n_experts, dtype=torch.long, device=self.device) if self.n_gates else None
+        for batch in micro_batches:
+            trace = RouterTrace() if self.n_gates else None
+            with autocast(cfg.dtype, self.device):
+                out = self.loss_fn(model, to_device(batch, self.device), trace)
+            (out.loss / len(micro_batches)).backward()
+            for k, v in out.metrics.items():
+                # summed in fp32 on the CPU, in micro-batch order: the logged values are bit-stable
+                sums[k] = sums.get(k, torch.zeros(())) + v.detach().float().cpu()
+            if trace is not None and trace.layers:
+                c = trace.expert_counts()
+                counts[: c.shape[0]] += c  # MTP routers see no tokens when the MTP loss is off
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if counts is not None and self.reduce_counts is not None:
+            counts = self.reduce_counts(counts)
+        if counts is not None and cfg.bias_update_gamma > 0:
+            update_expert_bias(model, counts, cfg.bias_update_gamma)
+        metrics = {k: v.item() / len(micro_batches) for k, v in sums.items()}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm.item()
+        if counts is not None:
+            metrics["expert_load"] = counts.tolist()
+        return metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, dtype: torch.dtype) -> tuple[float, int]:
+    """Summed next-token loss (nats, fp64) over (x, y) batches, and the number of scored targets."""
+    device = next(model.parameters()).device
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(dtype, device):
+            logits = model(x)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double().cpu()
+        n += int((y != -100).sum())
+    return total.item(), n
