@@ -26,6 +26,19 @@ def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def group_rows_multiple(dtype: torch.dtype, device: torch.device) -> int:
+    """Pad each expert's rows in a grouped GEMM to a multiple of this (1: no padding).
+
+    On a CPU, bf16/fp16 matmuls go through oneDNN, which builds (JIT-compiles) a kernel for every new
+    shape and caches it. Routed experts get a different number of rows every step, so nearly every
+    per-expert GEMM paid that build: measured on a Zen 4 EPYC (AVX512-BF16, 1 thread), 256x256
+    products over 900-1100 rows ran at 90 GFLOP/s with a new row count each call against 209 with a
+    repeated one. Multiples of 32 leave at most 64 shapes per GEMM up to 2048 rows (the cache holds
+    1024 kernels) for ~3% zero rows. fp32 runs through MKL's GEMM, which builds nothing.
+    """
+    return 32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else 1
+
+
 def default_device() -> torch.device:
     """Where a new training run goes: the GPU when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

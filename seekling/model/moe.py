@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seekling.config import ModelConfig
-from seekling.device import gemm_dtype
+from seekling.device import gemm_dtype, group_rows_multiple
 from seekling.model.mlp import MLP
 
 
@@ -107,19 +107,34 @@ class Experts(nn.Module):
     def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, dtype) -> torch.Tensor:
         """Sort the pairs by expert, two grouped GEMMs, scatter back: the training and prefill path."""
         N, K = idx.shape
+        E = self.w13.shape[0]
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # (S,) pairs sorted by expert
-        offs = torch.bincount(flat, minlength=self.w13.shape[0]).cumsum(0).to(torch.int32)
-        token = order // K
+        counts = torch.bincount(flat, minlength=E)
+        pad = group_rows_multiple(dtype, x.device)
+        if pad > 1:
+            # Each expert's rows padded with zero rows (token N, weight 0) to a multiple of `pad`,
+            # so the GEMMs see few distinct shapes (device.group_rows_multiple says why).
+            padded = (counts + pad - 1) // pad * pad
+            rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+            dest = (padded.cumsum(0) - padded).repeat_interleave(counts) + rank
+            pair = torch.full((int(padded.sum()),), N * K, device=x.device).index_copy_(0, dest, order)
+            offs = padded.cumsum(0).to(torch.int32)
+            x = torch.cat((x, x.new_zeros(1, x.shape[1])))
+            weights = torch.cat((weights.flatten(), weights.new_zeros(1)))
+        else:
+            pair, offs = order, counts.cumsum(0).to(torch.int32)
+            weights = weights.flatten()
+        token = pair // K
         # index_select, not x[token]: the backward of advanced indexing is index_put_(accumulate=True),
         # which on CPU sums the K copies of a token from several threads in a varying order (runs
         # differed from step ~10 on a 2-core AVX-512 EPYC); index_add_, its backward here, is ordered.
         xs = x.index_select(0, token).to(dtype)  # (S,D)
         gate, up = F.grouped_mm(xs, self.w13.to(dtype).transpose(-2, -1), offs=offs).chunk(2, dim=-1)
         # Scale by the routing weight before the down projection: it is linear, and I < D usually.
-        h = F.silu(gate) * up * weights.flatten()[order].unsqueeze(-1).to(dtype)
+        h = F.silu(gate) * up * weights.index_select(0, pair).unsqueeze(-1).to(dtype)
         y = F.grouped_mm(h, self.w2.to(dtype).transpose(-2, -1), offs=offs)  # (S,D)
-        return torch.zeros(N, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y)
+        return torch.zeros(x.shape[0], x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y)[:N]
 
     def _forward_few(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, dtype) -> torch.Tensor:
         """Few (token, expert) pairs, as in a decode step: one matrix-vector product per pair.
