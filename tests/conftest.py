@@ -40,3 +40,18 @@ def compiled_spy(monkeypatch):
 
     monkeypatch.setattr(CompiledDecode, "__call__", counted)
     return seen
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device that device-aware tests put their models on: SEEKLING_TEST_DEVICE (cpu by default;
+    scripts/gpu_check.sh sets cuda). A device asked for but missing fails rather than skips: a GPU
+    run that quietly fell back to the CPU would report passes it never made."""
+    name = os.environ.get("SEEKLING_TEST_DEVICE", "cpu")
+    try:
+        dev = torch.device(name)
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        pytest.fail(f"SEEKLING_TEST_DEVICE={name!r} is not usable with torch {torch.__version__} here ({e}); "
+                    "unset it to test on the CPU", pytrace=False)
+    return dev

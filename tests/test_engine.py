@@ -26,12 +26,17 @@ def tiny_model(seed: int = 0, **changes) -> Transformer:
     return model
 
 
+def ids_on(model, rows) -> torch.Tensor:
+    """Token ids (a list of rows) as a tensor on the model's device (the `device` fixture's)."""
+    return torch.tensor(rows, device=next(model.parameters()).device)
+
+
 @torch.no_grad()
 def reference_greedy(model, prompt, n) -> list[int]:
     """The obvious decoder: re-run the whole sequence every step and take the argmax."""
     ids = list(prompt)
     for _ in range(n):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        ids.append(int(model(ids_on(model, [ids]))[0, -1].argmax()))
     return ids[len(prompt):]
 
 
@@ -42,8 +47,8 @@ def prompts(n, lo=3, hi=40, seed=0, vocab=97):
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_model()
+def model(device):
+    return tiny_model().to(device)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py says why
@@ -62,8 +67,9 @@ def test_latent_cache_holds_exactly_the_latent(model):
     assert by_bytes.cache.n_blocks == 10
 
 
-def test_block_allocator_all_or_nothing_and_no_leak():
-    cache = LatentCache(n_layers=1, n_blocks=5, block_size=4, latent_dim=2, rope_dim=2, max_seqs=3, max_blocks_per_seq=8)
+def test_block_allocator_all_or_nothing_and_no_leak(device):
+    cache = LatentCache(n_layers=1, n_blocks=5, block_size=4, latent_dim=2, rope_dim=2, max_seqs=3, max_blocks_per_seq=8,
+                        device=device)
     a, b = cache.open_row(), cache.open_row()
     assert cache.reserve(a, 9) and cache.num_used_blocks == 3
     assert not cache.reserve(b, 12) and cache.num_used_blocks == 3  # needs 3, only 2 free: takes none
@@ -80,13 +86,13 @@ def test_block_allocator_all_or_nothing_and_no_leak():
 def _run_cached(model, ids, chunks, mode, prefill="absorbed", block_size=4):
     cfg = model.cfg
     cache = LatentCache(n_layers=cfg.n_layers, n_blocks=64, block_size=block_size, latent_dim=cfg.kv_lora_rank,
-                        rope_dim=cfg.qk_rope_head_dim, max_seqs=2, max_blocks_per_seq=64)
+                        rope_dim=cfg.qk_rope_head_dim, max_seqs=2, max_blocks_per_seq=64, device=model.embed.weight.device)
     row = cache.open_row()
     assert cache.reserve(row, len(ids))
     out, pos = [], 0
     for n in chunks:
         batch = CacheBatch(cache, [row], [pos], [n], n_heads=cfg.n_heads, mode=mode, prefill=prefill)
-        out.append(model(torch.tensor([ids[pos:pos + n]]), batch.positions[None], cache=batch)[0])
+        out.append(model(ids_on(model, [ids[pos:pos + n]]), batch.positions[None], cache=batch)[0])
         pos += n
     return torch.cat(out)
 
@@ -95,7 +101,7 @@ def _run_cached(model, ids, chunks, mode, prefill="absorbed", block_size=4):
 @torch.no_grad()
 def test_chunked_prefill_matches_full_forward(model, prefill):
     ids = prompts(1, 60, 61)[0]
-    full = model(torch.tensor([ids]))[0]
+    full = model(ids_on(model, [ids]))[0]
     for chunks in ([60], [7, 1, 13, 30, 9], [1] * 10 + [50]):
         got = _run_cached(model, ids, chunks, "absorbed", prefill)
         assert (got - full).abs().max() < 1e-4, chunks
@@ -106,7 +112,8 @@ def test_absorbed_decode_matches_naive_over_200_tokens(model):
     """Absorbed attention (W_UK into the query, W_UV after) against expanding K/V every step."""
     cfg = model.cfg
     caches = {m: LatentCache(n_layers=cfg.n_layers, n_blocks=70, block_size=4, latent_dim=cfg.kv_lora_rank,
-                             rope_dim=cfg.qk_rope_head_dim, max_seqs=1, max_blocks_per_seq=70) for m in ("absorbed", "naive")}
+                             rope_dim=cfg.qk_rope_head_dim, max_seqs=1, max_blocks_per_seq=70, device=model.embed.weight.device)
+              for m in ("absorbed", "naive")}
     rows = {m: c.open_row() for m, c in caches.items()}
     ids, worst = prompts(1, 8, 9)[0], 0.0
     for step in range(201):
@@ -115,12 +122,12 @@ def test_absorbed_decode_matches_naive_over_200_tokens(model):
         for m, c in caches.items():
             assert c.reserve(rows[m], len(ids))
             batch = CacheBatch(c, [rows[m]], [start], [n], n_heads=cfg.n_heads, mode=m)
-            logits[m] = model(torch.tensor([ids[start:]]), batch.positions[None], cache=batch)[0, -1]
+            logits[m] = model(ids_on(model, [ids[start:]]), batch.positions[None], cache=batch)[0, -1]
         worst = max(worst, (logits["absorbed"] - logits["naive"]).abs().max().item())
         assert logits["absorbed"].argmax() == logits["naive"].argmax(), step
         ids.append(int(logits["absorbed"].argmax()))
     assert worst < 1e-4
-    full = model(torch.tensor([ids[:-1]]))[0, -1]
+    full = model(ids_on(model, [ids[:-1]]))[0, -1]
     assert (full - logits["absorbed"]).abs().max() < 1e-4
 
 
@@ -133,20 +140,20 @@ def test_batched_decode_of_unequal_segments_matches_full_forward(model, chunk_by
         monkeypatch.setattr(attention_module, "KEY_CHUNK_BYTES", chunk_bytes)
     cfg = model.cfg
     cache = LatentCache(n_layers=cfg.n_layers, n_blocks=64, block_size=4, latent_dim=cfg.kv_lora_rank,
-                        rope_dim=cfg.qk_rope_head_dim, max_seqs=3, max_blocks_per_seq=16)
+                        rope_dim=cfg.qk_rope_head_dim, max_seqs=3, max_blocks_per_seq=16, device=model.embed.weight.device)
     seqs = prompts(3, 30, 31)
     rows = [cache.open_row() for _ in seqs]
     for r in rows:
         cache.reserve(r, 30)
     first = [20, 22, 25]
     batch = CacheBatch(cache, rows, [0] * 3, first, n_heads=cfg.n_heads)
-    model(torch.tensor([[t for s, f in zip(seqs, first) for t in s[:f]]]), batch.positions[None], cache=batch)
+    model(ids_on(model, [[t for s, f in zip(seqs, first) for t in s[:f]]]), batch.positions[None], cache=batch)
     lens = [3, 1, 5]
     batch = CacheBatch(cache, rows, first, lens, n_heads=cfg.n_heads)
     assert batch.short is not None and batch.short["gather"] is not None and not batch.long
     feed = [t for s, f, n in zip(seqs, first, lens) for t in s[f:f + n]]
-    got = model(torch.tensor([feed]), batch.positions[None], cache=batch)[0]
-    want = torch.cat([model(torch.tensor([s]))[0, f:f + n] for s, f, n in zip(seqs, first, lens)])
+    got = model(ids_on(model, [feed]), batch.positions[None], cache=batch)[0]
+    want = torch.cat([model(ids_on(model, [s]))[0, f:f + n] for s, f, n in zip(seqs, first, lens)])
     assert (got - want).abs().max() < 1e-4
 
 
@@ -270,7 +277,7 @@ def test_stop_tokens_eos_and_max_tokens(model):
     out = eng.generate([p], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[ref[4]], ignore_eos=True))[0]
     cut = ref.index(ref[4])
     assert out.output_ids == ref[:cut + 1] and out.finish_reason == "stop" and out.stop_reason == ref[4]
-    eos_model = tiny_model()
+    eos_model = tiny_model().to(model.embed.weight.device)
     eos_model.cfg = eos_model.cfg.replace(eos_token_id=ref[6])
     out = Engine(eos_model, EngineConfig(kv_cache_tokens=1024)).generate([p], SamplingParams(temperature=0, max_tokens=24))[0]
     assert out.output_ids == ref[:ref.index(ref[6]) + 1] and out.finish_reason == "stop"
@@ -300,7 +307,7 @@ def test_logprobs_match_a_full_forward(model):
     sp = SamplingParams(temperature=0.7, top_k=20, seed=3, max_tokens=16, logprobs=5, ignore_eos=True)
     p = prompts(1, seed=4)[0]
     out = Engine(model, EngineConfig(kv_cache_tokens=1024, max_seqs=2, max_batch_tokens=8)).generate([p], sp)[0]
-    logits = model(torch.tensor([p + out.output_ids]))[0, len(p) - 1:-1]
+    logits = model(ids_on(model, [p + out.output_ids]))[0, len(p) - 1:-1].cpu()
     logp = torch.log_softmax(logits.float(), -1)
     toks = torch.tensor(out.output_ids)
     assert torch.allclose(torch.tensor(out.logprobs), logp.gather(1, toks[:, None])[:, 0], atol=1e-4)

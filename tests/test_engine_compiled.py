@@ -14,8 +14,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py says why
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_model()
+def model(device):
+    return tiny_model().to(device)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_compile_option_is_validated():
         EngineConfig(compile=True, speculative_tokens=1)
 
 
-def test_missing_cxx_compiler_is_a_clear_error(model, monkeypatch):
+def test_missing_cxx_compiler_is_a_clear_error(monkeypatch):
     import torch._inductor.cpp_builder as cpp_builder
 
     def missing():
@@ -78,4 +78,4 @@ def test_missing_cxx_compiler_is_a_clear_error(model, monkeypatch):
 
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
     with pytest.raises(ValueError, match="needs a C\\+\\+ compiler.*without --compile"):
-        Engine(model, EngineConfig(compile=True))
+        Engine(tiny_model(), EngineConfig(compile=True))  # on the CPU: the C++ compiler is a CPU need

@@ -95,8 +95,8 @@ def test_accept_drafts_with_one_hot_rows_is_greedy_verification():
 # ---------------------------------------------------------------- the engine
 
 @pytest.mark.parametrize("k,n_mtp,context", [(1, 1, None), (1, 1, 0.3), (2, 2, 0.3), (3, 1, 0.3)])
-def test_speculative_greedy_equals_plain_greedy(k, n_mtp, context):
-    model = tiny_model(context=context, n_mtp_layers=n_mtp)
+def test_speculative_greedy_equals_plain_greedy(k, n_mtp, context, device):
+    model = tiny_model(context=context, n_mtp_layers=n_mtp).to(device)
     ps = prompts(4)
     sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     cfg = dict(block_size=4, max_seqs=4, max_batch_tokens=32, kv_cache_tokens=1024)
@@ -113,9 +113,9 @@ def test_speculative_greedy_equals_plain_greedy(k, n_mtp, context):
         assert eng.n_steps < 0.8 * plain_eng.n_steps
 
 
-def test_speculative_with_penalties_preemption_and_stops():
+def test_speculative_with_penalties_preemption_and_stops(device):
     """Penalties see the drafts as history; preemption drops them; a stop inside accepted drafts ends there."""
-    model = tiny_model(context=0.3)
+    model = tiny_model(context=0.3).to(device)
     ps = prompts(5, 8, 16, seed=2)
     params = [SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.5, presence_penalty=0.5, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)] * 2 + [
@@ -150,9 +150,9 @@ def _chi2_ok(counts: torch.Tensor, expected: torch.Tensor) -> tuple[bool, float,
 
 @pytest.mark.parametrize("k,V,n_new", [(1, 8, 2), (2, 6, 3)])
 @torch.no_grad()
-def test_speculative_sampling_keeps_the_distribution(k, V, n_new):
+def test_speculative_sampling_keeps_the_distribution(k, V, n_new, device):
     """Thousands of seeded requests: the joint law of the first n_new tokens must be the model's."""
-    model = tiny_model(seed=1, context=0.5, vocab_size=V, eos_token_id=None, bos_token_id=None)
+    model = tiny_model(seed=1, context=0.5, vocab_size=V, eos_token_id=None, bos_token_id=None).to(device)
     prompt, N = [3, 1, 4, 1], 6000
     eng = Engine(model, EngineConfig(block_size=8, max_seqs=128, max_batch_tokens=512, kv_cache_tokens=128 * 16,
                                      speculative_tokens=k))
@@ -164,7 +164,7 @@ def test_speculative_sampling_keeps_the_distribution(k, V, n_new):
         counts[sum(t * V ** (n_new - 1 - i) for i, t in enumerate(o.output_ids))] += 1
     # Exact law: chain the model's top-k-truncated next-token distributions over every prefix.
     prefixes = [list(c) for c in itertools.product(range(V), repeat=n_new - 1)]
-    logits = model(torch.tensor([prompt + c for c in prefixes]))[:, len(prompt) - 1:]  # (V^(n-1), n, V)
+    logits = model(torch.tensor([prompt + c for c in prefixes], device=device))[:, len(prompt) - 1:].cpu()  # (V^(n-1), n, V)
     kth = logits.topk(V - 1, -1).values[..., -1:]
     probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
     joint = torch.zeros(V ** n_new)

@@ -2,7 +2,8 @@
 
 `Engine` (engine.py) generates from token ids over a latent-only paged KV cache (kv_cache.py,
 attention.py) with continuous batching and chunked prefill (scheduler.py), per-request sampling
-(sampling.py) and optional MTP self-speculative decoding (speculative.py). `route_table` and
+(sampling.py) and optional MTP self-speculative decoding (speculative.py), on the model's device
+(host.py moves the host's lists there and the step's results back). `route_table` and
 `write_heatmap` (inspect.py) show which experts each token visits.
 """
 

@@ -38,6 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from seekling.inference.host import to_device
 from seekling.inference.kv_cache import LatentCache
 
 
@@ -86,7 +87,7 @@ class CacheBatch:
         assert len(rows) == len(starts) == len(lengths) > 0
         self.cache, self.slot = cache, slot
         self.prefill = "naive" if mode == "naive" else prefill
-        P = cache.block_size
+        P, dev = cache.block_size, cache.device
         self.n_tokens = sum(lengths)
         # Positions of all packed tokens, and where each one is written in the flattened pool.
         # Decode and verification steps have equal lengths: a few tensor ops, however large the batch.
@@ -95,15 +96,16 @@ class CacheBatch:
             # One token per row (plain decode): slots and positions straight from the rows' block
             # lists, one tensor each. Building this batch is per-step overhead that the forward of a
             # small model does not hide (it was a quarter of the engine's own time at batch 1).
-            pos = torch.tensor(starts)
+            pos = to_device(starts, dev)
             self.slots = cache.slots(rows, starts)
         elif len(set(lengths)) == 1:
             L0 = lengths[0]
-            pos = (torch.tensor(starts)[:, None] + torch.arange(L0)[None]).flatten()
-            row_of_token = torch.tensor(rows).repeat_interleave(L0)
+            pos = (to_device(starts, dev)[:, None] + cache.arange(L0)[None]).flatten()
+            row_of_token = to_device(rows, dev).repeat_interleave(L0)
         else:
-            pos = torch.cat([torch.arange(s, s + L) for s, L in zip(starts, lengths)])
-            row_of_token = torch.repeat_interleave(torch.tensor(rows), torch.tensor(lengths))
+            # Built on the host: one copy, where a cat of per-segment aranges is one op per segment.
+            pos = to_device([p for s, L in zip(starts, lengths) for p in range(s, s + L)], dev)
+            row_of_token = to_device([r for r, L in zip(rows, lengths) for _ in range(L)], dev)
         if not decode:
             self.slots = cache.block_table[row_of_token, pos // P] * P + pos % P
         self.positions = pos
@@ -123,18 +125,21 @@ class CacheBatch:
                 # One decoding sequence: attend over exactly its positions 0..start, no mask needed.
                 keep, bias = starts[short[0]] + 1, cache.zero_bias
             else:
-                q_pos = torch.tensor([[starts[i] + l for l in range(Lmax)] for i in short])  # (n, Lmax)
-                bias = torch.zeros(n, Lmax, S).masked_fill_(cache.arange(S)[None, None] > q_pos[..., None], float("-inf"))
+                q_pos = to_device([[starts[i] + l for l in range(Lmax)] for i in short], dev)  # (n, Lmax)
+                bias = torch.zeros(n, Lmax, S, device=dev).masked_fill_(cache.arange(S)[None, None] > q_pos[..., None],
+                                                                        float("-inf"))
                 bias = bias.view(n, 1, S) if Lmax == 1 else (
                     bias[:, :, None, :].expand(n, Lmax, n_heads, S).reshape(n, Lmax * n_heads, S))
-            table = cache.block_table[torch.tensor([rows[i] for i in short]), :S // P]
+            table = cache.block_table[to_device([rows[i] for i in short], dev), :S // P]
             self.short = dict(n=n, L=Lmax, table=table, bias=bias, gather=None, keep=keep)
             if short != list(range(n)) or any(lengths[i] != Lmax for i in short):
                 # Packed index of every padded (segment, l) slot; pads repeat the segment's last token.
-                pad = [offsets[i] + min(l, lengths[i] - 1) for i in short for l in range(Lmax)]
-                valid = [l < lengths[i] for i in short for l in range(Lmax)]
-                self.short.update(gather=torch.tensor(pad), valid=torch.tensor(valid),
-                                  scatter=torch.tensor([p for p, v in zip(pad, valid) if v]))
+                padded = [(i, l) for i in short for l in range(Lmax)]
+                pad = [offsets[i] + min(l, lengths[i] - 1) for i, l in padded]
+                valid = [j for j, (i, l) in enumerate(padded) if l < lengths[i]]
+                # Index lists rather than a boolean mask: masked indexing waits on a GPU for the count.
+                self.short.update(gather=to_device(pad, dev), valid=to_device(valid, dev),
+                                  scatter=to_device([pad[j] for j in valid], dev))
 
     def attend(self, mla, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
         """q_nope (1,N,H,N_d), q_pe (1,N,H,R), kv (1,N,C), k_pe (1,N,R) -> (1,N,H*V); stores kv, k_pe."""
@@ -187,7 +192,8 @@ class CacheBatch:
             return mla.attend_naive(q_nope[None], q_pe[None], kv[None], k_pe[None], causal=True)[0]
         S = start + length
         cached = self._cached(layer, row, S).to(kv.dtype)
-        mask = torch.arange(S)[None, :] <= (start + torch.arange(length))[:, None]
+        ar = self.cache.arange(S)
+        mask = ar[None, :] <= (start + ar[:length])[:, None]
         C = mla.kv_lora_rank
         return mla.attend_naive(q_nope[None], q_pe[None], cached[None, :, :C], cached[None, :, C:],
                                 mask=mask[None, None])[0]
@@ -199,7 +205,8 @@ class CacheBatch:
         else:
             S = start + length
             keys = self._cached(layer, row, S).to(kv.dtype)
-            mask = (torch.arange(S)[None, :] <= (start + torch.arange(length))[:, None])[None, None]
+            ar = self.cache.arange(S)
+            mask = (ar[None, :] <= (start + ar[:length])[:, None])[None, None]
         w_uk, w_uv = mla.absorbed_weights()  # (H,N_d,C), (H,V,C)
         H, C = w_uk.shape[0], w_uk.shape[-1]
         q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk)  # (H, L, C)

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from seekling.inference.host import to_device
+
 # Above this many bytes of gathered latents per layer, the eager step is faster: it attends in
 # cache-sized chunks (attention.KEY_CHUNK_BYTES), while the graph gathers every key at once.
 # Measured per step, tiny preset, 1 thread: 8 x 1k context (2.6 MB) 10.8 ms compiled vs 20.4 eager;
@@ -109,19 +111,25 @@ class CompiledDecode:
 
     def __call__(self, ids: list[int], rows: list[int], positions: list[int]) -> torch.Tensor:
         """Run one step and store its latents; returns the hidden states (n, dim)."""
-        cache, P = self.cache, self.cache.block_size
-        pos = torch.tensor(positions)
+        cache, P, dev = self.cache, self.cache.block_size, self.cache.device
+        pos = to_device(positions, dev)
         # Blocks that cover every sequence's new position, at least 2: Inductor specialises a size-1
         # dimension, and a width of 1 would cost a second compile for the first 32 tokens.
         width = min(max(2, (max(positions) + P) // P), cache.block_table.shape[1])
-        table = cache.block_table[torch.tensor(rows), :width]
-        ids = torch.tensor(ids)
+        table = cache.block_table[to_device(rows, dev), :width]
+        ids = to_device(ids, dev)
         # The pool's block count and block size too, so that Inductor's on-disk cache serves any
         # cache geometry (the graph depends only on the model's config).
         for t, dims in ((ids, (0,)), (pos, (0,)), (table, (0, 1)), (cache.pool, (1, 2))):
             for d in dims:
                 torch._dynamo.maybe_mark_dynamic(t, d)
-        h, entries = self._fn(self.model, ids, pos, cache.pool, table)
+        # The caller's torch-function modes (`torch.set_default_device("cuda")` installs one) are
+        # suspended for the graph: Dynamo traces through them and breaks the graph inside each block
+        # (at Tensor.unflatten in RoPE), and the guard filter above would then let one block's resumed
+        # frame run for another (seen: a dense block's code run on an MoE block, KeyError 'w1').
+        # Every tensor the graph makes names its device, so no mode has anything to do there.
+        with torch._C.DisableTorchFunction():
+            h, entries = self._fn(self.model, ids, pos, cache.pool, table)
         L = entries.shape[0]
         cache.pool[:L].view(L, -1, cache.pool.shape[-1]).index_copy_(1, cache.slots(rows, positions),
                                                                      entries.to(cache.pool.dtype))

@@ -14,9 +14,22 @@ With `compile=True` a step in which every sequence feeds one token runs as one t
 of the whole forward (compiled.py): 2.0-2.5 ms against ~7 ms eager for the demo model at batch 1.
 Compiling pieces of the model instead (projections, norms) was measured slower: graph breaks at
 the cache and the routing cost more than the fusion saved.
+
+The engine runs on the model's device (CPU, CUDA or MPS), read once at construction: the cache,
+the batch metadata, the sampling tensors and the penalty counts are all made there (host.py says
+how lists cross over), and a step reads its results back in one transfer (a second when MTP
+drafts are drawn): on a GPU the engine's only waits (the model's MoE routing has its own).
+Requests' random generators stay on the CPU, so a seed gives the same draws on every device
+(sampling.py).
+It takes the caller's model as it is and changes nothing in it: no `.eval()` (steps run under
+`torch.inference_mode`, and the model has no dropout or batch statistics), no attribute, no
+compiled replacement. It caches nothing derived from the weights (absorbed MLA weights are views
+of `wkv_b` taken at each call), so a model that a trainer updates in place is served with its new
+weights from the next step on, and the compiled step reads them as graph inputs (no recompile).
+Update between requests: a running request's cached latents were computed with the old weights.
+
 Left out: tokenisation (callers pass ids, and a `decode` function when they want stop strings);
-devices other than the CPU (metadata and sampling tensors are built on the CPU); tensor-parallel
-sharding.
+tensor-parallel sharding; CUDA graphs of the eager step.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import torch
 
 from seekling.inference.attention import CacheBatch
 from seekling.inference.compiled import CompiledDecode
+from seekling.inference.host import MAX_EXACT_ID, read_back, to_device
 from seekling.inference.kv_cache import LatentCache, cache_blocks
 from seekling.inference.sampling import SamplingParams, raw_logprobs, sample_tokens
 from seekling.inference.scheduler import Scheduler, Sequence
@@ -130,13 +144,19 @@ class Engine:
 
     def __init__(self, model, config: EngineConfig | None = None, *, decode: Callable[[list[int]], str] | None = None):
         self.config = config = config or EngineConfig()
-        self.model, self.decode = model.eval(), decode
+        # The caller's model as it is: no .eval(), no copy. Every step runs under inference_mode and
+        # the model has no dropout or batch statistics, so its training flag changes nothing here.
+        self.model, self.decode = model, decode
         cfg = model.cfg
         k = config.speculative_tokens
         if k and cfg.n_mtp_layers == 0:
             raise ValueError("EngineConfig.speculative_tokens: this model has no MTP layers (n_mtp_layers=0); "
                              "set speculative_tokens=0 or load a checkpoint trained with MTP")
-        dtype = next(model.parameters()).dtype
+        if cfg.vocab_size > MAX_EXACT_ID:
+            raise ValueError(f"the model's vocab_size {cfg.vocab_size} is above {MAX_EXACT_ID}: the engine reads "
+                             "token ids back through fp32 (inference/host.py), which holds integers exactly only below it")
+        param = next(model.parameters())
+        dtype, self.device = param.dtype, param.device  # read once: move the model before building its engine
         n_layers = cfg.n_layers + k  # one cache slot per main layer and per draft depth
         bytes_per_token = n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize
         tokens = config.kv_cache_tokens or (None if config.kv_cache_bytes else DEFAULT_CACHE_TOKENS)
@@ -148,16 +168,19 @@ class Engine:
         self.cache = LatentCache(n_layers=n_layers, n_blocks=n_blocks, block_size=config.block_size,
                                  latent_dim=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim, max_seqs=config.max_seqs,
                                  max_blocks_per_seq=math.ceil((cfg.max_seq_len + k + 1) / config.block_size),
-                                 dtype=dtype, device=next(model.parameters()).device)
+                                 dtype=dtype, device=self.device)
         self.scheduler = Scheduler(self.cache, max_batch_tokens=config.max_batch_tokens)
         self._batch_kwargs = dict(mode=config.attention, prefill=config.prefill_attention)
         self.drafter = MTPDrafter(model, self.cache, k, **self._batch_kwargs) if k else None
         self._compiled = CompiledDecode(model, self.cache) if config.compile else None
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
-        self._rng = torch.Generator().manual_seed(config.seed) if config.seed is not None else torch.Generator()
+        # CPU generators whatever the device: uniforms are drawn on the host (sampling.py says why).
+        self._rng = torch.Generator(device="cpu")
         if config.seed is None:
             self._rng.seed()
+        else:
+            self._rng.manual_seed(config.seed)
         self.n_drafted = self.n_accepted = self.n_steps = 0
 
     # ------------------------------------------------------------ requests
@@ -186,13 +209,14 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._requests:
             raise ValueError(f"request_id {rid!r} is already in use")
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng))
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng,
+                                                                             device="cpu"))
         seq = Sequence(request_id=rid, tokens=prompt, prompt_len=len(prompt), params=params,
-                       generator=torch.Generator().manual_seed(seed), on_token=on_token)
+                       generator=torch.Generator(device="cpu").manual_seed(seed), on_token=on_token)
         if params.penalised:
-            seq.counts = torch.zeros(cfg.vocab_size)
-            seq.seen = torch.zeros(cfg.vocab_size, dtype=torch.bool)
-            seq.seen[torch.tensor(prompt)] = True
+            seq.counts = torch.zeros(cfg.vocab_size, device=self.device)
+            seq.seen = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=self.device)
+            seq.seen[to_device(prompt, self.device)] = True
         self._requests[rid] = seq
         self.scheduler.add(seq)
         return rid
@@ -281,50 +305,10 @@ class Engine:
             h = self._compiled(ids, rows, starts)  # (N, D)
         else:
             batch = CacheBatch(self.cache, rows, starts, lens, n_heads=cfg.n_heads, **self._batch_kwargs)
-            h = model.hidden(torch.tensor(ids)[None], batch.positions[None], cache=batch)[0]  # (N, D)
+            h = model.hidden(to_device(ids, self.device)[None], batch.positions[None], cache=batch)[0]  # (N, D)
 
         offsets = list(itertools.accumulate(lens, initial=0))
-        plain = [i for i, (seq, n) in enumerate(work) if not seq.drafts and seq.num_cached + n == len(seq.tokens)]
-        verify = [i for i, (seq, n) in enumerate(work) if seq.drafts]
-        K = self.config.speculative_tokens
-        sample_rows = [offsets[i] + lens[i] - 1 for i in plain] + [offsets[i] + j for i in verify for j in range(K + 1)]
-        logits = model.head(h[sample_rows]).float() if sample_rows else None
-
-        # One token per logits row is scored: the sampled token of a plain row, the draft a
-        # verification row judged (or the token it drew instead). Rows past a rejection are unused.
-        row_tok = torch.zeros(len(sample_rows), dtype=torch.long)
-        row_slp = torch.zeros(len(sample_rows))
-        emitted: dict[int, list[int]] = {}  # work index -> logits rows of its emitted tokens
-        if plain:
-            seqs = [work[i][0] for i in plain]
-            row_tok[:len(plain)], row_slp[:len(plain)] = sample_tokens(logits[:len(plain)], seqs, cfg.vocab_size)
-            for r, i in enumerate(plain):
-                emitted[i] = [r]
-        if verify:
-            seqs = [work[i][0] for i in verify]
-            n_acc, tok, slp = verify_drafts(logits[len(plain):], seqs, K, cfg.vocab_size)
-            row_tok[len(plain):], row_slp[len(plain):] = tok.flatten(), slp.flatten()
-            for r, (i, a) in enumerate(zip(verify, n_acc.tolist())):
-                seqs[r].n_drafted += K
-                seqs[r].n_accepted += a
-                self.n_drafted += K
-                self.n_accepted += a
-                emitted[i] = list(range(len(plain) + r * (K + 1), len(plain) + r * (K + 1) + a + 1))
-
-        events = []
-        if sample_rows:
-            # Raw log-probabilities of every scored token in one batched op.
-            top_n = max(work[i][0].params.logprobs for i in emitted)
-            lp, top = raw_logprobs(logits, row_tok, top_n)
-            lp, slp, toks = lp.tolist(), row_slp.tolist(), row_tok.tolist()
-            top = (top.values.tolist(), top.indices.tolist()) if top is not None else None
-            for i in sorted(emitted):
-                seq = work[i][0]
-                for r in emitted[i]:
-                    if seq.finished:
-                        break  # a stop among this step's accepted drafts
-                    alts = tuple(zip(top[1][r], top[0][r]))[:seq.params.logprobs] if top else ()
-                    events.append(self._commit(seq, toks[r], lp[r], slp[r], alts))
+        events, emitted = self._sample(work, h, offsets, lens)
 
         drafting = []
         for idx, (seq, n) in enumerate(work):
@@ -340,6 +324,58 @@ class Engine:
                 self.scheduler.remove(seq)
         return events
 
+    def _sample(self, work, h: torch.Tensor, offsets: list[int], lens: list[int]):
+        """Sample or verify every sequence that finished feeding its tokens; commit the results.
+
+        Returns the events and, per work index, the logits rows of its emitted tokens.
+        """
+        model, cfg, K = self.model, self.model.cfg, self.config.speculative_tokens
+        plain = [i for i, (seq, n) in enumerate(work) if not seq.drafts and seq.num_cached + n == len(seq.tokens)]
+        verify = [i for i, (seq, n) in enumerate(work) if seq.drafts]
+        sample_rows = [offsets[i] + lens[i] - 1 for i in plain] + [offsets[i] + j for i in verify for j in range(K + 1)]
+        if not sample_rows:
+            return [], {}
+        logits = model.head(h[to_device(sample_rows, self.device)]).float()
+        # One token per logits row is scored: the sampled token of a plain row, the draft a
+        # verification row judged (or the token it drew instead). Rows past a rejection are unused.
+        toks, slps, n_acc = [], [], None
+        if plain:
+            tok, slp = sample_tokens(logits[:len(plain)], [work[i][0] for i in plain], cfg.vocab_size)
+            toks.append(tok)
+            slps.append(slp)
+        if verify:
+            n_acc, tok, slp = verify_drafts(logits[len(plain):], [work[i][0] for i in verify], K, cfg.vocab_size)
+            toks.append(tok.flatten())
+            slps.append(slp.flatten())
+        row_tok = toks[0] if len(toks) == 1 else torch.cat(toks)
+        row_slp = slps[0] if len(slps) == 1 else torch.cat(slps)
+        # Raw log-probabilities of every scored token in one batched op; then everything the host
+        # needs from this step in one read-back (on a GPU, the step's one wait).
+        top_n = max(work[i][0].params.logprobs for i in plain + verify)
+        lp, top = raw_logprobs(logits, row_tok, top_n)
+        got = read_back(lp, row_slp, row_tok, *([n_acc] if verify else []), *([top.values, top.indices] if top_n else []))
+        lp, slp, toks = got[0], got[1], [int(t) for t in got[2]]
+        top_v, top_i = (got[-2], [int(t) for t in got[-1]]) if top_n else ([], [])
+
+        emitted = {i: [r] for r, i in enumerate(plain)}
+        for r, (i, a) in enumerate(zip(verify, [int(a) for a in got[3]] if verify else [])):
+            seq, first = work[i][0], len(plain) + r * (K + 1)
+            seq.n_drafted += K
+            seq.n_accepted += a
+            self.n_drafted += K
+            self.n_accepted += a
+            emitted[i] = list(range(first, first + a + 1))
+        events = []
+        for i in sorted(emitted):
+            seq = work[i][0]
+            n_alt = seq.params.logprobs
+            for r in emitted[i]:
+                if seq.finished:
+                    break  # a stop among this step's accepted drafts
+                alts = tuple(zip(top_i[r * top_n:r * top_n + n_alt], top_v[r * top_n:r * top_n + n_alt]))
+                events.append(self._commit(seq, toks[r], lp[r], slp[r], alts))
+        return events, emitted
+
     def _commit(self, seq: Sequence, token: int, logprob: float, sampled_logprob: float, alts) -> TokenEvent:
         """Append one token to a sequence, record its logprobs and decide whether it finished."""
         seq.tokens.append(token)
@@ -351,7 +387,7 @@ class Engine:
             seq.seen[token] = True
         p, cfg = seq.params, self.model.cfg
         n_out = len(seq.tokens) - seq.prompt_len
-        if (token == cfg.eos_token_id and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in cfg.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif p.stop and (hit := self._stop_string(seq)) is not None:
             seq.finish_reason, seq.stop_reason = "stop", hit

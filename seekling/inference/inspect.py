@@ -41,7 +41,7 @@ class RouteTable:
     def dense_weights(self) -> torch.Tensor:
         """(L, T, E) gating weight of every expert for every token, 0 where not routed."""
         T, L, _ = self.experts.shape
-        dense = torch.zeros(T, L, self.n_experts)
+        dense = torch.zeros(T, L, self.n_experts, device=self.weights.device)
         dense.scatter_(2, self.experts, self.weights)
         return dense.transpose(0, 1)
 
@@ -57,7 +57,7 @@ class RouteTable:
 @torch.inference_mode()
 def route_table(model, ids) -> RouteTable:
     """Run `ids` (a list of token ids, or a (T,) / (1,T) tensor) through the model and record its routing."""
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+    ids = torch.as_tensor(ids, dtype=torch.long, device=next(model.parameters()).device).reshape(1, -1)
     if ids.numel() == 0:
         raise ValueError("route_table needs at least one token")
     if ids.shape[1] > model.cfg.max_seq_len:
@@ -65,7 +65,7 @@ def route_table(model, ids) -> RouteTable:
     if not model.cfg.has_moe:
         raise ValueError("this model has no MoE layers (n_dense_layers == n_layers): there is no routing to show")
     trace = RouterTrace()
-    model(ids.to(next(model.parameters()).device), trace=trace)
+    model(ids, trace=trace)
     layers = [rec[0] for rec in trace.layers]
     experts = torch.stack([rec[2].cpu() for rec in trace.layers], dim=1)
     weights = torch.stack([rec[3].float().cpu() for rec in trace.layers], dim=1)

@@ -7,10 +7,11 @@ MLA needs only the normed latent kv_C and the shared rotary key k_pe per token (
 2.1), so a token costs L * (C + R) values: for the tiny preset 6 * 80 fp32 = 1920 bytes, against
 6 * 4 * (48 + 32) * 4 = 7680 bytes for the expanded K/V a plain cache would hold.
 
-Memory is one tensor `pool` (L, NB, P, C+R) allocated up front, so a full cache never fragments
-and capacity is known before the first request. A running sequence owns one row of the int64
-`block_table` (Q, W): attention gathers a whole batch's blocks with one indexing op per layer,
-with no Python per token. Blocks are handed out from a LIFO free list (recently freed blocks are
+Memory is one tensor `pool` (L, NB, P, C+R) allocated up front on the model's device, so a full
+cache never fragments and capacity is known before the first request. A running sequence owns one
+row of the int64 `block_table` (Q, W), on the same device: attention gathers a whole batch's blocks
+with one indexing op per layer, with no Python per token. The free lists and each row's block list
+are Python on the host; a reservation copies its new block ids into the table. Blocks are handed out from a LIFO free list (recently freed blocks are
 warm in cache); unused table entries point at block 0 and are masked by sequence length.
 Left out: prefix sharing (copy-on-write blocks with reference counts) and swapping to host memory;
 preempted sequences are recomputed instead, which is cheap next to decode on a CPU.
@@ -22,6 +23,8 @@ import math
 
 import torch
 
+from seekling.inference.host import to_device
+
 
 class LatentCache:
     """Block pool, free list and per-sequence block tables for the latent cache."""
@@ -32,6 +35,7 @@ class LatentCache:
         assert n_layers > 0 and n_blocks > 0 and block_size > 0 and max_seqs > 0 and max_blocks_per_seq > 0
         self.n_layers, self.n_blocks, self.block_size = n_layers, n_blocks, block_size
         self.latent_dim, self.rope_dim = latent_dim, rope_dim
+        self.device = device = torch.device(device)
         # Zero-filled, not empty: masked-out slots still enter `probs @ kv`, and 0 * NaN garbage is NaN.
         self.pool = torch.zeros(n_layers, n_blocks, block_size, latent_dim + rope_dim, dtype=dtype, device=device)
         self.block_table = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.long, device=device)
@@ -94,7 +98,7 @@ class LatentCache:
         than indexing `block_table` with freshly built tensors.
         """
         P = self.block_size
-        return torch.tensor([self._row_blocks[r][p // P] * P + p % P for r, p in zip(rows, positions)])
+        return to_device([self._row_blocks[r][p // P] * P + p % P for r, p in zip(rows, positions)], self.device)
 
     def row_tokens(self, row: int) -> int:
         """Token positions the row's blocks cover."""
@@ -110,7 +114,7 @@ class LatentCache:
         if need > len(self._free_blocks):
             return False
         new = [self._free_blocks.pop() for _ in range(need)]
-        self.block_table[row, len(have):len(have) + need] = torch.tensor(new, dtype=torch.long)
+        self.block_table[row, len(have):len(have) + need] = to_device(new, self.device)
         have.extend(new)
         return True
 
@@ -122,7 +126,7 @@ class LatentCache:
         """
         n_blocks = table.numel()
         if self._workspace.shape[0] < n_blocks:
-            self._workspace = torch.empty(n_blocks, *self.pool.shape[2:], dtype=self.pool.dtype, device=self.pool.device)
+            self._workspace = torch.empty(n_blocks, *self.pool.shape[2:], dtype=self.pool.dtype, device=self.device)
         out = self._workspace[:n_blocks]
         torch.index_select(self.pool[layer], 0, table.flatten(), out=out)
         return out.view(table.shape[0], -1, self.pool.shape[-1])
@@ -130,7 +134,7 @@ class LatentCache:
     def arange(self, n: int) -> torch.Tensor:
         """0..n-1 as int64, sliced from one cached tensor: masks are rebuilt every step."""
         if self._arange.numel() < n:
-            self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.pool.device)
+            self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.device)
         return self._arange[:n]
 
     def check(self):

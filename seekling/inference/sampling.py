@@ -6,6 +6,10 @@ Every request owns a `torch.Generator` and draws exactly one uniform per sampled
 acceptance uniforms of speculative decoding), so a seeded request gives the same tokens whatever
 else is in the batch. Tokens are drawn by inverse CDF from that uniform rather than with
 `torch.multinomial`, which would need one call per row to honour per-row generators anyway.
+The generators are CPU generators whatever the model's device: the step's uniforms are drawn on
+the host and copied to the device with one transfer. A seed then means the same uniforms on a
+CPU, a GPU or MPS (CUDA's Philox stream differs from the CPU's Mersenne Twister), and a batch
+costs no per-row random kernel on a GPU. Everything else here runs on the logits' device.
 
 Processing order follows vLLM and Hugging Face: repetition, frequency and presence penalties on
 the raw logits, then temperature, then top-k, top-p and min-p truncation. Temperature 0 means
@@ -22,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from seekling.inference.host import to_device
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for `top_logprobs`
 
@@ -92,16 +98,19 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams],
                    penalties: Penalties | None = None) -> torch.Tensor:
     """Raw logits (M,V) -> processed fp32 logits, truncated tokens at -inf. Greedy rows get penalties only."""
     x = logits.float().clone()
+    V = x.shape[1]
+    # Every per-row parameter in one table, one host-to-device copy; each column is then (M, 1).
+    # Greedy rows get neutral values (temperature 1, no truncation); top_p 1 becomes 2, never reached.
+    table = [(p.repetition_penalty, p.frequency_penalty, p.presence_penalty, 1.0 if p.greedy else p.temperature,
+              float(V if p.greedy or not p.top_k else p.top_k), 2.0 if p.greedy or p.top_p >= 1.0 else p.top_p,
+              0.0 if p.greedy else p.min_p) for p in params]
+    rep, freq, pres, temp, k, limit, min_p_col = to_device(table, x.device, torch.float32).T[..., None]
     if penalties is not None:
-        rep = torch.tensor([p.repetition_penalty for p in params])[:, None]
-        freq = torch.tensor([p.frequency_penalty for p in params])[:, None]
-        pres = torch.tensor([p.presence_penalty for p in params])[:, None]
         # Repetition penalty (Keskar et al. 2019, CTRL): shrink seen logits towards zero.
         x = torch.where(penalties.seen, torch.where(x > 0, x / rep, x * rep), x)
         x = x - freq * penalties.counts - pres * (penalties.counts > 0).float()
     if all(p.greedy for p in params):
         return x
-    temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params])[:, None]
     x = x / temp
     top_k = [p.top_k if not p.greedy else 0 for p in params]
     top_p = [p.top_p if not p.greedy else 1.0 for p in params]
@@ -109,20 +118,18 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams],
         sorted_x, order = x.sort(dim=-1, descending=True)
         remove = torch.zeros_like(sorted_x, dtype=torch.bool)
         if any(top_k):
-            k = torch.tensor([k if k else x.shape[1] for k in top_k])[:, None]
-            remove |= torch.arange(x.shape[1])[None] >= k
+            remove |= torch.arange(V, device=x.device)[None] >= k
             sorted_x = sorted_x.masked_fill(remove, float("-inf"))
         if any(v < 1.0 for v in top_p):
             probs = sorted_x.softmax(dim=-1)
             before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
             # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
-            limit = torch.tensor([v if v < 1.0 else 2.0 for v in top_p])[:, None]
             remove |= before >= limit
         x = x.masked_fill(torch.zeros_like(remove).scatter_(1, order, remove), float("-inf"))
     min_p = [p.min_p if not p.greedy else 0.0 for p in params]
     if any(min_p):
         probs = x.softmax(dim=-1)
-        floor = torch.tensor(min_p)[:, None] * probs.max(dim=-1, keepdim=True).values
+        floor = min_p_col * probs.max(dim=-1, keepdim=True).values
         x = x.masked_fill(probs < floor, float("-inf"))
     return x
 
@@ -132,14 +139,14 @@ def distribution(processed: torch.Tensor, params: list[SamplingParams]) -> torch
     probs = processed.softmax(dim=-1)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
-        g = torch.tensor(greedy)
+        g = to_device(greedy, probs.device)
         probs[g] = torch.zeros_like(probs[g]).scatter_(1, processed[g].argmax(-1, keepdim=True), 1.0)
     return probs
 
 
 def draw_uniforms(generators: list[torch.Generator], n: int = 1) -> torch.Tensor:
-    """(M, n) uniforms, row i from generators[i]: the only randomness the sampler uses."""
-    return torch.stack([torch.rand(n, generator=g) for g in generators])
+    """(M, n) uniforms on the host, row i from CPU generator i: the only randomness the sampler uses."""
+    return torch.stack([torch.rand(n, generator=g, device="cpu") for g in generators])
 
 
 def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -148,11 +155,10 @@ def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     target = (u * cdf[:, -1]).unsqueeze(-1)
     tok = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[1] - 1)
     # Rounding can push the target onto the top of the CDF; fall back to the last token with mass.
+    # Always computed: asking first whether any row needs it would wait on a GPU every step.
     bad = probs.gather(1, tok[:, None]).squeeze(1) <= 0
-    if bad.any():
-        last = (probs > 0).float().cumsum(-1).argmax(-1)
-        tok = torch.where(bad, last, tok)
-    return tok
+    last = (probs > 0).float().cumsum(-1).argmax(-1)
+    return torch.where(bad, last, tok)
 
 
 def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int = 0):
@@ -163,21 +169,26 @@ def raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int = 0):
     return chosen, top
 
 
-def make_penalties(seqs: list, extras: list[list[int]], vocab_size: int) -> Penalties | None:
-    """Penalty statistics for rows of `seqs` whose history is extended by `extras` (drafts), or None."""
+def make_penalties(seqs: list, vocab_size: int, device: torch.device,
+                   extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> Penalties | None:
+    """Penalty statistics for rows of `seqs`, or None when no row is penalised.
+
+    `extra` = (rows, tokens), 1-D on `device`: tokens (drafts) that extend those rows' histories.
+    Rows of unpenalised sequences start empty; whatever they get has no effect (penalties of 0 and 1).
+    """
     if not any(seq.params.penalised for seq in seqs):
         return None
-    counts = torch.zeros(len(seqs), vocab_size)
-    seen = torch.zeros(len(seqs), vocab_size, dtype=torch.bool)
-    for i, (seq, extra) in enumerate(zip(seqs, extras)):
-        if seq.counts is None:
-            continue
-        counts[i] = seq.counts
-        seen[i] = seq.seen
-        if extra:
-            t = torch.tensor(extra)
-            counts[i].index_add_(0, t, torch.ones(len(extra)))
-            seen[i, t] = True
+    counts = torch.zeros(len(seqs), vocab_size, device=device)
+    seen = torch.zeros(len(seqs), vocab_size, dtype=torch.bool, device=device)
+    have = [i for i, seq in enumerate(seqs) if seq.counts is not None]
+    if have:
+        idx = to_device(have, device)
+        counts[idx] = torch.stack([seqs[i].counts for i in have])
+        seen[idx] = torch.stack([seqs[i].seen for i in have])
+    if extra is not None and extra[0].numel():
+        rows, tokens = extra
+        counts.index_put_((rows, tokens), torch.ones(len(tokens), device=device), accumulate=True)
+        seen[rows, tokens] = True
     return Penalties(counts=counts, seen=seen)
 
 
@@ -188,19 +199,19 @@ def target_probs(logits: torch.Tensor, params: list[SamplingParams], penalties: 
 
 def draw(probs: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row; greedy rows are one-hot and consume no randomness."""
-    u = torch.full((len(params),), 0.5)
+    u = torch.full((len(params),), 0.5, device="cpu")
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         u[rows] = draw_uniforms([generators[i] for i in rows]).squeeze(1)
-    return sample_from(probs, u)
+    return sample_from(probs, to_device(u, probs.device))
 
 
 def sample_tokens(logits: torch.Tensor, seqs: list, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of `logits` (M,V) for `seqs`, and its log-probability under the processed distribution."""
     params = [s.params for s in seqs]
-    penalties = make_penalties(seqs, [[]] * len(seqs), vocab_size)
+    penalties = make_penalties(seqs, vocab_size, logits.device)
     if penalties is None and all(p.greedy for p in params):  # the common greedy batch: argmax, nothing else
-        return logits.argmax(dim=-1), torch.zeros(len(seqs))
+        return logits.argmax(dim=-1), torch.zeros(len(seqs), device=logits.device)
     probs = target_probs(logits, params, penalties)
     tok = draw(probs, params, [s.generator for s in seqs])
     return tok, probs.gather(1, tok[:, None]).squeeze(1).log()

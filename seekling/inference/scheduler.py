@@ -38,7 +38,7 @@ class Sequence:
     tokens: list[int]
     prompt_len: int
     params: SamplingParams
-    generator: torch.Generator
+    generator: torch.Generator  # on the CPU whatever the model's device (sampling.py says why)
     on_token: Callable | None = None
     row: int | None = None  # block-table row while running
     num_cached: int = 0
@@ -46,6 +46,7 @@ class Sequence:
     draft_probs: torch.Tensor | None = None  # (k, V) the distributions they were drawn from; None if greedy
     mtp_frontier: int = 0  # MTP cache entries below this position are final
     hidden_tail: torch.Tensor | None = None  # main hidden states for [mtp_frontier, num_cached)
+    # On the model's device, updated in place as tokens are committed:
     counts: torch.Tensor | None = None  # (V,) generated-token counts, for frequency/presence penalties
     seen: torch.Tensor | None = None  # (V,) prompt-or-generated mask, for the repetition penalty
     logprobs: list[float] = field(default_factory=list)

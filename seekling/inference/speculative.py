@@ -23,12 +23,14 @@ Left out: tree drafts (several candidates per position); one chain keeps verific
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from seekling.inference.attention import CacheBatch
+from seekling.inference.host import read_back, to_device
 from seekling.inference.kv_cache import LatentCache
 from seekling.inference.sampling import (
     draw,
@@ -53,7 +55,7 @@ def accept_drafts(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, u_acce
     qx = q.gather(2, drafts[..., None]).squeeze(-1)
     ok = u_accept * qx < px  # u < p/q without dividing; q(x) > 0 for a drawn draft
     n_acc = ok.int().cumprod(dim=1).sum(dim=1)  # length of the accepted prefix
-    rows = torch.arange(M)
+    rows = torch.arange(M, device=p.device)
     target = p[rows, n_acc]  # (M,V) at the first rejection, or the bonus position
     residual = torch.where((n_acc < K)[:, None], (target - q[rows, n_acc.clamp_max(K - 1)]).clamp_min(0), target)
     # p == q makes rejection impossible, but rounding can still leave an all-zero residual: use p.
@@ -67,26 +69,28 @@ def verify_drafts(logits: torch.Tensor, seqs: list, K: int, vocab_size: int):
     Returns n_accepted (M,), the token scored at each row (M,K+1) - the accepted draft, then the
     token drawn at the first rejection or the bonus position - and its processed log-probability.
     """
-    M = len(seqs)
-    drafts = torch.tensor([s.drafts for s in seqs])
+    M, dev = len(seqs), logits.device
+    drafts = to_device([s.drafts for s in seqs], dev)
     params = [s.params for s in seqs for _ in range(K + 1)]
-    extras = [s.drafts[:j] for s in seqs for j in range(K + 1)]  # the history row j conditions on
-    penalties = make_penalties([s for s in seqs for _ in range(K + 1)], extras, vocab_size)
+    # Row (m, j) conditions on drafts[:j]: draft i extends the history of rows j > i.
+    extra = [(m * (K + 1) + j, s.drafts[i]) for m, s in enumerate(seqs) for j in range(K + 1) for i in range(j)]
+    penalties = make_penalties([s for s in seqs for _ in range(K + 1)], vocab_size, dev,
+                               tuple(to_device(list(zip(*extra)), dev)) if extra else None)
     if penalties is None and all(p.greedy for p in params):
         # Greedy is accept_drafts with one-hot p and q: keep drafts while they are the argmax.
         best = logits.argmax(dim=-1).view(M, K + 1)
         n_acc = (drafts == best[:, :K]).int().cumprod(dim=1).sum(dim=1)
-        return n_acc, best, torch.zeros(M, K + 1)
+        return n_acc, best, torch.zeros(M, K + 1, device=dev)
     p = target_probs(logits, params, penalties).view(M, K + 1, -1)
-    u = draw_uniforms([s.generator for s in seqs], K + 1)
-    greedy = torch.tensor([s.params.greedy for s in seqs])
-    u = torch.where(greedy[:, None], 0.5, u)  # one-hot rows give the same answer for any u
+    u = draw_uniforms([s.generator for s in seqs], K + 1)  # on the host (sampling.py says why)
+    greedy = torch.tensor([s.params.greedy for s in seqs], device="cpu")
+    u = to_device(torch.where(greedy[:, None], 0.5, u), dev)  # one-hot rows give the same answer for any u
     # Greedy drafts were kept without their (one-hot) distributions.
-    q = torch.stack([s.draft_probs if s.draft_probs is not None else
-                     F.one_hot(torch.tensor(s.drafts), p.shape[-1]).to(p.dtype) for s in seqs])
+    one_hot = F.one_hot(drafts, p.shape[-1]).to(p.dtype)
+    q = torch.stack([s.draft_probs if s.draft_probs is not None else one_hot[m] for m, s in enumerate(seqs)])
     n_acc, nxt = accept_drafts(p, q, drafts, u[:, :K], u[:, K])
     tok = torch.cat((drafts, nxt[:, None]), dim=1)
-    tok[torch.arange(M), n_acc] = nxt
+    tok[torch.arange(M, device=dev), n_acc] = nxt
     return n_acc, tok, p.gather(2, tok[..., None]).squeeze(-1).log()
 
 
@@ -127,38 +131,58 @@ class MTPDrafter:
             self._draft(plans)
 
     def _draft(self, plans: list[_Plan]):
-        model, cfg = self.model, self.model.cfg
+        model, cfg, k, dev = self.model, self.model.cfg, self.k, self.cache.device
         drafting = [p for p in plans if p.drafting]
-        drafts = {id(p.seq): [] for p in drafting}
-        probs = {id(p.seq): [] for p in drafting}
+        seqs = [p.seq for p in drafting]
+        M = len(seqs)
+        # Drafts stay on the device until all K are drawn: depth j's input holds depth j-1's drafts,
+        # and reading each depth back would wait on a GPU K times per step instead of once.
+        drafted = torch.zeros(max(M, 1), k, dtype=torch.long, device=dev)  # (M, K)
+        probs = []  # per depth: (M, V) distributions the drafts were drawn from; empty if all greedy
         h_prev = torch.cat([p.hidden for p in plans])
         lens = [p.last - p.first + 1 for p in plans]
-        ends = torch.tensor(lens).cumsum(0) - 1
-        draft_rows = ends[[i for i, p in enumerate(plans) if p.drafting]]
-        for j in range(1, self.k + 1):
-            ids = []
+        ends = list(itertools.accumulate(lens))
+        draft_rows = to_device([ends[i] - 1 for i, p in enumerate(plans) if p.drafting], dev)
+        greedy = all(s.params.greedy for s in seqs) and not any(s.params.penalised for s in seqs)
+        for j in range(1, k + 1):
+            # Positions past a drafting sequence's tokens are its drafts: (slot in ids, flat index in drafted).
+            ids, slots, m = [], [], 0
             for p in plans:
-                ext = p.seq.tokens + drafts.get(id(p.seq), [])
-                ids += ext[p.first + j: p.last + j + 1]
+                n_tok = len(p.seq.tokens)
+                for x in range(p.first + j, p.last + j + 1):
+                    if x < n_tok:
+                        ids.append(p.seq.tokens[x])
+                    else:
+                        slots.append((len(ids), m * k + x - n_tok))
+                        ids.append(0)
+                m += p.drafting
+            ids = to_device(ids, dev)
+            if slots:
+                at, src = to_device(list(zip(*slots)), dev)
+                ids[at] = drafted.view(-1)[src]
             batch = CacheBatch(self.cache, [p.seq.row for p in plans], [p.first for p in plans], lens,
                                n_heads=cfg.n_heads, slot=cfg.n_layers + j - 1, **self.batch_kwargs)
             cos, sin = model.rope(batch.positions[None])
             layer = model.mtp[min(j, cfg.n_mtp_layers) - 1]
-            h_prev = layer(h_prev[None], model.embed(torch.tensor(ids))[None], cos, sin, cache=batch)[0]
+            h_prev = layer(h_prev[None], model.embed(ids)[None], cos, sin, cache=batch)[0]
             if not drafting:
                 continue
-            seqs = [p.seq for p in drafting]
             logits = model.head(h_prev[draft_rows]).float()
-            penalties = make_penalties(seqs, [drafts[id(s)] for s in seqs], cfg.vocab_size)
-            if penalties is None and all(s.params.greedy for s in seqs):
-                tok = logits.argmax(dim=-1).tolist()  # a greedy draft's q is one-hot: nothing to keep
+            if greedy:
+                tok = logits.argmax(dim=-1)  # a greedy draft's q is one-hot: nothing to keep
             else:
+                # Drafts so far extend each row's history for the penalties.
+                rows = torch.arange(M, device=dev).repeat_interleave(j - 1)
+                extra = (rows, drafted[:, :j - 1].flatten()) if j > 1 else None
+                penalties = make_penalties(seqs, cfg.vocab_size, dev, extra)
                 q = target_probs(logits, [s.params for s in seqs], penalties)
-                tok = draw(q, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-                for i, s in enumerate(seqs):
-                    probs[id(s)].append(q[i])
-            for i, s in enumerate(seqs):
-                drafts[id(s)].append(tok[i])
-        for p in drafting:
-            p.seq.drafts = drafts[id(p.seq)]
-            p.seq.draft_probs = torch.stack(probs[id(p.seq)]) if probs[id(p.seq)] else None
+                tok = draw(q, [s.params for s in seqs], [s.generator for s in seqs])
+                probs.append(q)
+            drafted[:, j - 1] = tok
+        if not drafting:
+            return
+        toks = [int(t) for t in read_back(drafted[:M])[0]]
+        q_all = torch.stack(probs, dim=1) if probs else None  # (M, K, V)
+        for i, p in enumerate(drafting):
+            p.seq.drafts = toks[i * k:(i + 1) * k]
+            p.seq.draft_probs = q_all[i] if q_all is not None else None

@@ -1,8 +1,7 @@
 """Short text samples during training, to see a model learn.
 
 Generated through the inference engine, like every other caller (CLI, server, RL), with a cache
-sized for this one request so that sampling mid-training costs little memory. The model is put
-back into training mode afterwards.
+sized for this one request so that sampling mid-training costs little memory.
 """
 
 from __future__ import annotations
@@ -18,12 +17,9 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    was_training = model.training
-    try:
-        engine = Engine(model, EngineConfig(max_seqs=1, kv_cache_tokens=len(ids) + max_new_tokens + 64))
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                stop_token_ids=(tokenizer.eos_id, tokenizer.eot_id))
-        out = engine.generate([ids], params)[0].output_ids
-    finally:
-        model.train(was_training)
+    # The engine leaves the model's mode and weights alone: a model in training can be sampled as is.
+    engine = Engine(model, EngineConfig(max_seqs=1, kv_cache_tokens=len(ids) + max_new_tokens + 64))
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                            stop_token_ids=(tokenizer.eos_id, tokenizer.eot_id))
+    out = engine.generate([ids], params)[0].output_ids
     return tokenizer.decode([t for t in out if t not in (tokenizer.eos_id, tokenizer.eot_id)], skip_special=True)
