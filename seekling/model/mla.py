@@ -19,6 +19,30 @@ from seekling.model.norm import RMSNorm
 from seekling.model.rope import apply_rope
 
 
+# Query rows per block of causal_attention_blocks: measured best of 64/128/256 (small preset shapes).
+ATTENTION_BLOCK = 128
+
+
+def causal_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention as a few batched GEMMs: each block of queries against the keys up to its end.
+
+    q, k (B,T,H,Dk), v (B,T,H,V) -> (B,T,H,V). For bf16 on a CPU: SDPA's fused kernel runs no
+    faster in bf16 than in fp32 there, while these GEMMs do. Measured on a Zen 4 EPYC (1 thread,
+    small preset's shapes, B=8, T=512, H=6): fwd+bwd 99 ms against 156 for SDPA. Scores and softmax
+    stay fp32. Costs O(T^2 / 2) activation memory where SDPA keeps O(T): fine for CPU sequence lengths.
+    """
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B,H,T,*)
+    T = q.shape[2]
+    outs = []
+    for start in range(0, T, ATTENTION_BLOCK):
+        end = min(T, start + ATTENTION_BLOCK)
+        scores = (q[:, :, start:end] @ k[:, :, :end].transpose(-1, -2)).float() * scale
+        future = torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu(start + 1)
+        probs = scores.masked_fill(future, float("-inf")).softmax(-1).to(v.dtype)
+        outs.append(probs @ v[:, :, :end])
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -63,6 +87,8 @@ class MLA(nn.Module):
             [self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        if causal and mask is None and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            return causal_attention_blocks(q, k, v, self.softmax_scale).flatten(2)
         # SDPA's fused CPU kernel wants one head width for q, k and v; with v narrower than q/k it
         # takes an unfused path that materialises every score. Zero-padding v and slicing the output
         # is exact, and measured 1.9x faster (1.37x fwd+bwd) for a 1024-token tiny forward here.

@@ -99,6 +99,9 @@ class Experts(nn.Module):
                 # eagerly behind a graph break and the rest of the block stays fused.
                 return _grouped_outside_graph(self, x, weights, idx, dtype).to(out_dtype)
             return self._forward_gathered(x, weights, idx, dtype).to(out_dtype)
+        if x.device.type != "cpu" and dtype != torch.bfloat16:
+            # grouped_mm on a GPU takes bf16 only (its documentation): other dtypes loop over experts.
+            return self.forward_loop(x.to(dtype), weights, idx).to(out_dtype)
         # CPU only: reading the expert ids back (tolist) would stall a GPU's stream every layer.
         if x.device.type == "cpu" and 0 < N * K <= self.w13.shape[0] // 2:
             return self._forward_few(x, weights, idx, dtype).to(out_dtype)
@@ -111,6 +114,9 @@ class Experts(nn.Module):
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # (S,) pairs sorted by expert
         counts = torch.bincount(flat, minlength=E)
+        # Cast before gathering: each token is copied K times, and a cast of N rows is cheaper than
+        # one of N*K (the same values either way).
+        x = x.to(dtype)
         pad = group_rows_multiple(dtype, x.device)
         if pad > 1:
             # Each expert's rows padded with zero rows (token N, weight 0) to a multiple of `pad`,
@@ -129,7 +135,7 @@ class Experts(nn.Module):
         # index_select, not x[token]: the backward of advanced indexing is index_put_(accumulate=True),
         # which on CPU sums the K copies of a token from several threads in a varying order (runs
         # differed from step ~10 on a 2-core AVX-512 EPYC); index_add_, its backward here, is ordered.
-        xs = x.index_select(0, token).to(dtype)  # (S,D)
+        xs = x.index_select(0, token)  # (S,D)
         gate, up = F.grouped_mm(xs, self.w13.to(dtype).transpose(-2, -1), offs=offs).chunk(2, dim=-1)
         # Scale by the routing weight before the down projection: it is linear, and I < D usually.
         h = F.silu(gate) * up * weights.index_select(0, pair).unsqueeze(-1).to(dtype)
