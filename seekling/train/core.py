@@ -46,6 +46,12 @@ class LossOutput:
 LossFn = Callable[[nn.Module, object, RouterTrace | None], LossOutput]
 
 
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # log_softmax casts bf16 logits to fp32 inside its kernel: the same numbers as cross_entropy on
+    # logits.float(), without writing and re-reading an fp32 copy of the (tokens, V) logits.
+    return F.nll_loss(F.log_softmax(logits.flatten(0, 1), dim=-1, dtype=torch.float32), targets.flatten())
+
+
 def next_token_loss(mtp_lambda: float = 0.0, seq_aux_alpha: float = 0.0) -> LossFn:
     """Next-token cross-entropy (+ mtp_lambda * mean MTP CE, + the sequence-wise balance loss).
 
@@ -56,13 +62,12 @@ def next_token_loss(mtp_lambda: float = 0.0, seq_aux_alpha: float = 0.0) -> Loss
     def loss_fn(model, batch, trace):
         x, y = batch
         h = model.hidden(x, trace=trace)
-        main = F.cross_entropy(model.head(h).flatten(0, 1).float(), y.flatten())
+        main = _cross_entropy(model.head(h), y)
         loss, metrics = main, {"loss": main.detach()}
         if mtp_lambda > 0 and model.cfg.n_mtp_layers > 0:
             # depth k's hidden at position i predicts token i+k+1, which is y[:, i+k]
             depths = model.mtp_hidden(h, x, trace)
-            mtp = sum(F.cross_entropy(model.head(hk).flatten(0, 1).float(), y[:, k:].flatten())
-                      for k, hk in enumerate(depths, start=1)) / len(depths)
+            mtp = sum(_cross_entropy(model.head(hk), y[:, k:]) for k, hk in enumerate(depths, start=1)) / len(depths)
             loss = loss + mtp_lambda * mtp
             metrics["mtp_loss"] = mtp.detach()
         if seq_aux_alpha > 0 and trace is not None and trace.layers:
