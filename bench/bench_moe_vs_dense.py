@@ -21,16 +21,16 @@ import torch
 
 from seekling.config import ModelConfig
 from seekling.data.dataset import TrainLoader, prepare_tokens
-from seekling.model.moe import RouterTrace
+from seekling.device import resolve_dtype
 from seekling.model.transformer import Transformer
 from seekling.presets import get_preset
 from seekling.stats import model_stats
 from seekling.tokenizer import load_default_tokenizer
-from seekling.train.balance import update_expert_bias
 from seekling.train.config import train_preset
 from seekling.train.optim import build_optimizer
+from seekling.train.core import StepConfig, TrainStep, next_token_loss
 from seekling.train.state import read_metrics
-from seekling.train.trainer import compute_loss, train
+from seekling.train.trainer import train
 
 
 def dense_twin(moe: ModelConfig) -> ModelConfig:
@@ -46,29 +46,25 @@ def dense_twin(moe: ModelConfig) -> ModelConfig:
 
 
 def interleaved_step_times(tcfgs: dict, rounds: int = 6) -> dict[str, float]:
-    """Median seconds per full training step for each config, timed in alternation after one warm-up."""
+    """Median seconds per full training step (the trainer's own, train/core.py) for each config,
+    timed in alternation after one warm-up."""
     tok = load_default_tokenizer()
     any_cfg = next(iter(tcfgs.values()))
     data = prepare_tokens(any_cfg.data, tok, cache_dir=any_cfg.token_cache_dir).split("train")
     loader = TrainLoader(data=data, batch_size=any_cfg.batch_size, seq_len=any_cfg.seq_len, seed=0)
-    runs = {}
+    steps = {}
     for name, tcfg in tcfgs.items():
         model = Transformer(tcfg.model_config)
         model.init_weights(0)
-        runs[name] = (model, build_optimizer(model, tcfg), tcfg)
-    times = {name: [] for name in runs}
+        steps[name] = TrainStep(model, build_optimizer(model, tcfg), next_token_loss(tcfg.mtp_lambda, tcfg.seq_aux_alpha),
+                                StepConfig(dtype=resolve_dtype(tcfg.dtype, torch.device("cpu")), grad_clip=tcfg.grad_clip,
+                                           bias_update_gamma=tcfg.bias_update_gamma))
+    times = {name: [] for name in steps}
     for r in range(rounds + 1):
-        x, y = loader.batch(r)
-        for name, (model, opt, tcfg) in runs.items():
+        batch = loader.batch(r)
+        for name, step in steps.items():
             t = time.perf_counter()
-            trace = RouterTrace()
-            loss, _, _ = compute_loss(model, x, y, trace, tcfg)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip, foreach=True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if trace.layers:
-                update_expert_bias(model, trace.expert_counts(), tcfg.bias_update_gamma)
+            step([batch])
             if r:
                 times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
