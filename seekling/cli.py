@@ -177,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--schedule", choices=["cosine", "wsd"], default=None)
     tr.add_argument("--warmup", type=int, default=None, help="warmup steps")
     tr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="auto: bf16 autocast only on CPUs with native bf16, else fp32")
-    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+                    help="auto: bf16 autocast on CPUs with AMX or AVX512-BF16 and on GPUs with bf16, else fp32 (README: Notes on CPUs)")
+    tr.add_argument("--compile", action="store_true",
+                    help="torch.compile the training step (the loss function, the model's forward inside it; ~1 min cold)")
     tr.add_argument("--seed", type=int, default=None)
     tr.add_argument("--eval-every", type=int, default=None)
     tr.add_argument("--ckpt-every", type=int, default=None)
