@@ -120,6 +120,14 @@ def cmd_serve(args) -> None:
                engine_options=(("compile", True),) if args.compile else ())
 
 
+def cmd_eval(args) -> None:
+    from seekling.r1.evaluate import eval_command
+
+    eval_command(args.task, args.model, knobs=args.knob, out=args.out, problems=args.problems, k=args.k,
+                 samples=args.samples, temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
+                 batch=args.batch)
+
+
 def _sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -222,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compile", action="store_true",
                        help="compile the decode step before listening (~1 min cold): 1.5-3x the tokens/s of eager")
     serve.set_defaults(func=cmd_serve)
+    ev = sub.add_parser("eval", help="held-out pass@1 (greedy) and pass@k (sampled) on a checkable task, as JSON")
+    ev.add_argument("--task", required=True, help="addition, multiplication or countdown")
+    ev.add_argument("--model", required=True, metavar="DIR", help="a checkpoint directory with its tokenizer")
+    ev.add_argument("--knob", action="append", metavar="KEY=VALUE", help="a task difficulty knob, e.g. digits=4")
+    ev.add_argument("--problems", type=int, default=None, help="held-out problems (default 200)")
+    ev.add_argument("--k", type=int, default=None, help="pass@k (default 8; 0: greedy pass@1 only)")
+    ev.add_argument("--samples", type=int, default=None, help="samples per problem for pass@k (default k)")
+    ev.add_argument("--temperature", type=float, default=None, help="for the samples (default 1.0)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="per completion (default 256)")
+    ev.add_argument("--seed", type=int, default=None)
+    ev.add_argument("--batch", type=int, default=None, help="sequences in flight (default 32)")
+    ev.add_argument("--out", default=None, metavar="FILE", help="the JSON report (default DIR/eval-TASK.json)")
+    ev.set_defaults(func=cmd_eval)
     return p
 
 
