@@ -23,8 +23,7 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
-from seekling.r1.tasks.answer import Reason, parse_integer
-from seekling.r1.tasks.base import Problem, Task, is_int, require
+from seekling.r1.tasks.base import IntegerTask, Problem, is_int, require
 
 MAX_DIGITS = 12  # keeps every answer within answer.MAX_INTEGER_DIGITS and traces a few hundred characters
 
@@ -68,7 +67,7 @@ def subtraction_steps(a: int, b: int) -> list[str]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AdditionTask(Task):
+class AdditionTask(IntegerTask):
     """a + b and a - b with `digits`-digit operands; the answer is the integer result."""
 
     name: ClassVar[str] = "addition"
@@ -95,12 +94,6 @@ class AdditionTask(Task):
         target = a + b if op == "+" else a - b
         return self._problem(statement=f"{a}{op}{b}", key=key, prompt=f"Compute {a} {op} {b}.",
                              numbers=(a, b), op=op, target=target, answer=str(target))
-
-    def parse_answer(self, text: str) -> int:
-        return parse_integer(text)
-
-    def _judge(self, problem: Problem, answer: str) -> Reason:
-        return Reason.CORRECT if parse_integer(answer) == problem.target else Reason.WRONG
 
     def solution_trace(self, problem: Problem) -> tuple[str, str]:
         a, b = problem.numbers

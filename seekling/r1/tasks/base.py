@@ -27,7 +27,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from seekling.r1.tasks.answer import AnswerError, Reason, Score, render_completion, split_completion
+from seekling.r1.tasks.answer import AnswerError, Reason, Score, parse_integer, render_completion, split_completion
 
 SPLITS = ("train", "test")
 # One problem in ten is held out. A constant, not a knob: were it a knob, the same problem could
@@ -183,3 +183,13 @@ class Task(ABC):
             except AnswerError:
                 pass
         return False
+
+
+class IntegerTask(Task):
+    """A task whose answer is one integer, correct when it equals the problem's target."""
+
+    def parse_answer(self, text: str) -> int:
+        return parse_integer(text)
+
+    def _judge(self, problem: Problem, answer: str) -> Reason:
+        return Reason.CORRECT if parse_integer(answer) == problem.target else Reason.WRONG

@@ -23,9 +23,8 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
-from seekling.r1.tasks.answer import Reason, parse_integer
 from seekling.r1.tasks.arithmetic import MAX_DIGITS, random_operand
-from seekling.r1.tasks.base import Problem, Task, is_int, require
+from seekling.r1.tasks.base import IntegerTask, Problem, is_int, require
 
 
 def partial_product_line(a: int, digit: int, place: int) -> tuple[str, int]:
@@ -45,7 +44,7 @@ def partial_product_line(a: int, digit: int, place: int) -> tuple[str, int]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MultiplicationTask(Task):
+class MultiplicationTask(IntegerTask):
     """a * b with a of `digits_a` digits and b of `digits_b` digits; the answer is the product."""
 
     name: ClassVar[str] = "multiplication"
@@ -62,12 +61,6 @@ class MultiplicationTask(Task):
         a, b = random_operand(rng, self.digits_a), random_operand(rng, self.digits_b)
         return self._problem(statement=f"{a}*{b}", key=f"{min(a, b)}*{max(a, b)}", prompt=f"Compute {a} * {b}.",
                              numbers=(a, b), op="*", target=a * b, answer=str(a * b))
-
-    def parse_answer(self, text: str) -> int:
-        return parse_integer(text)
-
-    def _judge(self, problem: Problem, answer: str) -> Reason:
-        return Reason.CORRECT if parse_integer(answer) == problem.target else Reason.WRONG
 
     def solution_trace(self, problem: Problem) -> tuple[str, str]:
         a, b = problem.numbers
