@@ -11,7 +11,9 @@ to 0.0, as some ports did, lets a masked expert beat negative biased scores).
 Experts are stacked 3-D parameters. The fast path sorts the S pairs by expert and runs two grouped
 GEMMs (`torch.nn.functional.grouped_mm`); only chosen experts ever see a token. `forward_loop`
 is the plain per-expert loop kept as the test reference.
-Left out: expert parallelism (all-to-all dispatch) lives beside the trainer, not in the model.
+The grouped path is three steps, `Experts.permute` / `compute` / `combine`, so that expert
+parallelism can move the permuted rows to the ranks owning their experts and back in between.
+Left out: expert parallelism itself (the all-to-all dispatch) lives beside the trainer, not in the model.
 """
 
 from dataclasses import dataclass, field
@@ -78,6 +80,18 @@ def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return gemm_dtype(dtype, x.device)
 
 
+@dataclass
+class Routed:
+    """The routed (token, expert) pairs laid out by expert, as Experts.permute leaves them: S rows
+    (N*K, or more with CPU bf16's zero padding), grouped by expert with ends `offs`."""
+
+    rows: torch.Tensor  # (S, D) each pair's token, in the compute dtype
+    weights: torch.Tensor  # (S,) each pair's routing weight (0 on padding rows)
+    offs: torch.Tensor  # (E,) int32 cumulative group ends
+    token: torch.Tensor  # (S,) the token each row came from (N for padding rows)
+    n_tokens: int  # N
+
+
 class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -109,6 +123,15 @@ class Experts(nn.Module):
 
     def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, dtype) -> torch.Tensor:
         """Sort the pairs by expert, two grouped GEMMs, scatter back: the training and prefill path."""
+        routed = self.permute(x, weights, idx, dtype)
+        return self.combine(self.compute(routed.rows, routed.weights, routed.offs, dtype), routed)
+
+    # The grouped path in three steps, so that expert parallelism can send `rows` (and `weights`,
+    # `offs`) to the ranks that own the experts between permute and compute, and bring the results
+    # back between compute and combine; a single process runs them back to back.
+
+    def permute(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, dtype) -> "Routed":
+        """Lay the (token, expert) pairs out by expert: x (N,D), weights (N,K), idx (N,K) -> Routed."""
         N, K = idx.shape
         E = self.w13.shape[0]
         flat = idx.flatten()
@@ -135,12 +158,20 @@ class Experts(nn.Module):
         # index_select, not x[token]: the backward of advanced indexing is index_put_(accumulate=True),
         # which on CPU sums the K copies of a token from several threads in a varying order (runs
         # differed from step ~10 on a 2-core AVX-512 EPYC); index_add_, its backward here, is ordered.
-        xs = x.index_select(0, token)  # (S,D)
-        gate, up = F.grouped_mm(xs, self.w13.to(dtype).transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        return Routed(rows=x.index_select(0, token), weights=weights.index_select(0, pair), offs=offs, token=token,
+                      n_tokens=N)
+
+    def compute(self, rows: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor, dtype) -> torch.Tensor:
+        """Every expert on its rows: rows (S,D) grouped by `offs`, weights (S,) -> weighted outputs (S,D)."""
+        gate, up = F.grouped_mm(rows, self.w13.to(dtype).transpose(-2, -1), offs=offs).chunk(2, dim=-1)
         # Scale by the routing weight before the down projection: it is linear, and I < D usually.
-        h = F.silu(gate) * up * weights.index_select(0, pair).unsqueeze(-1).to(dtype)
-        y = F.grouped_mm(h, self.w2.to(dtype).transpose(-2, -1), offs=offs)  # (S,D)
-        return torch.zeros(x.shape[0], x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y)[:N]
+        h = F.silu(gate) * up * weights.unsqueeze(-1).to(dtype)
+        return F.grouped_mm(h, self.w2.to(dtype).transpose(-2, -1), offs=offs)
+
+    def combine(self, out: torch.Tensor, routed: "Routed") -> torch.Tensor:
+        """Sum each token's expert outputs: (S,D) -> (N,D). Padding rows land on an extra row, dropped."""
+        N = routed.n_tokens
+        return torch.zeros(N + 1, out.shape[1], dtype=out.dtype, device=out.device).index_add_(0, routed.token, out)[:N]
 
     def _forward_few(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, dtype) -> torch.Tensor:
         """Few (token, expert) pairs, as in a decode step: one matrix-vector product per pair.
