@@ -11,6 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from seekling.validate import checker
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -58,9 +60,7 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = 1
 
     def __post_init__(self):
-        def need(cond: bool, field: str, msg: str):
-            if not cond:
-                raise ValueError(f"ModelConfig.{field}: {msg}")
+        need = checker("ModelConfig")
 
         for f in ("vocab_size", "dim", "n_layers", "inter_dim", "n_heads", "kv_lora_rank",
                   "qk_rope_head_dim", "v_head_dim", "max_seq_len", "moe_inter_dim",

@@ -48,6 +48,7 @@ from seekling.inference.kv_cache import LatentCache, cache_blocks
 from seekling.inference.sampling import SamplingParams, raw_logprobs, sample_tokens
 from seekling.inference.scheduler import Scheduler, Sequence
 from seekling.inference.speculative import MTPDrafter, verify_drafts
+from seekling.validate import checker
 
 DEFAULT_CACHE_TOKENS = 65536
 
@@ -78,9 +79,7 @@ class EngineConfig:
     compile: bool = False
 
     def __post_init__(self):
-        def need(cond, field, msg):
-            if not cond:
-                raise ValueError(f"EngineConfig.{field}: {msg}")
+        need = checker("EngineConfig")
 
         for f in ("block_size", "max_batch_tokens", "max_seqs"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from seekling.inference.host import to_device
+from seekling.validate import checker
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for `top_logprobs`
 
@@ -51,9 +52,7 @@ class SamplingParams:
     logprobs: int = 0  # number of top alternatives (raw log-softmax) reported per token
 
     def __post_init__(self):
-        def need(cond, field, msg):
-            if not cond:
-                raise ValueError(f"SamplingParams.{field}: {msg}")
+        need = checker("SamplingParams")
 
         # Accept lists (JSON requests) but store tuples so the dataclass stays hashable and frozen.
         for f in ("stop_token_ids", "stop"):

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from seekling.inference.engine import Engine, EngineConfig, RequestOutput
 from seekling.inference.sampling import SamplingParams
 from seekling.r1.tasks import Task, get_task
-from seekling.r1.tasks.base import require
 from seekling.terminal import load_model_dir
+from seekling.validate import checker
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -57,8 +57,7 @@ class EvalConfig:
     batch: int = 32  # sequences in flight in the engine
 
     def __post_init__(self):
-        def need(ok, field, fix):
-            require(ok, "EvalConfig", field, fix)
+        need = checker("EvalConfig")
 
         for f in ("problems", "max_tokens", "batch"):
             v = getattr(self, f)

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from seekling.validate import checker
+
 
 @dataclass(frozen=True, kw_only=True)
 class ServeConfig:
@@ -40,9 +42,7 @@ class ServeConfig:
     engine_options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
-        def need(cond: bool, field: str, msg: str):
-            if not cond:
-                raise ValueError(f"ServeConfig.{field}: {msg}")
+        need = checker("ServeConfig")
 
         need(isinstance(self.model_dir, (str, Path)) and str(self.model_dir) != "", "model_dir",
              "must be the path of a model directory (config.json, model.safetensors, tokenizer.json)")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from seekling.config import ModelConfig
 from seekling.presets import PRESETS, get_preset
+from seekling.validate import checker
 
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -61,9 +62,7 @@ class TrainConfig:
     time_limit_s: float | None = None  # stop cleanly (checkpoint saved, resumable) after this much training time
 
     def __post_init__(self):
-        def need(cond: bool, field: str, msg: str):
-            if not cond:
-                raise ValueError(f"TrainConfig.{field}: {msg}")
+        need = checker("TrainConfig")
 
         if isinstance(self.model, str):
             need(self.model in PRESETS, "model", f"unknown preset {self.model!r}; choose one of {', '.join(PRESETS)} "

@@ -31,6 +31,7 @@ from torch import nn
 
 from seekling.model.moe import RouterTrace
 from seekling.train.balance import moe_gates, sequence_balance_loss, update_expert_bias
+from seekling.validate import checker
 
 
 @dataclass
@@ -105,12 +106,11 @@ class StepConfig:
     compile: bool = False  # torch.compile the loss function (the model's forward inside it), by wrapping
 
     def __post_init__(self):
-        if self.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"StepConfig.dtype: must be torch.float32 or torch.bfloat16, got {self.dtype}")
-        if not self.grad_clip >= 0:
-            raise ValueError(f"StepConfig.grad_clip: must be >= 0 (0 disables clipping), got {self.grad_clip}")
-        if not self.bias_update_gamma >= 0:
-            raise ValueError(f"StepConfig.bias_update_gamma: must be >= 0 (0 disables it), got {self.bias_update_gamma}")
+        need = checker("StepConfig")
+        need(self.dtype in (torch.float32, torch.bfloat16), "dtype", f"must be torch.float32 or torch.bfloat16, got {self.dtype}")
+        need(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        need(self.bias_update_gamma >= 0, "bias_update_gamma", f"must be >= 0 (0 disables it), got {self.bias_update_gamma}")
+        need(isinstance(self.compile, bool), "compile", f"must be True or False, got {self.compile!r}")
 
 
 class TrainStep:

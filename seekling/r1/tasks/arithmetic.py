@@ -23,7 +23,8 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
-from seekling.r1.tasks.base import IntegerTask, Problem, is_int, require
+from seekling.r1.tasks.base import IntegerTask, Problem, is_int
+from seekling.validate import require
 
 MAX_DIGITS = 12  # keeps every answer within answer.MAX_INTEGER_DIGITS and traces a few hundred characters
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from seekling.r1.tasks.answer import AnswerError, Reason, Score, parse_integer, render_completion, split_completion
+from seekling.validate import require
 
 SPLITS = ("train", "test")
 # One problem in ten is held out. A constant, not a knob: were it a knob, the same problem could
@@ -39,12 +40,6 @@ SYSTEM_PROMPT = "Think step by step inside <think> </think>. After </think>, wri
 # How many draws problems() may spend per problem asked before it gives up: the test split keeps
 # one draw in ten, and a small space (1-digit sums) runs out of distinct problems.
 _DRAWS_PER_PROBLEM = 50
-
-
-def require(ok: bool, owner: str, field: str, fix: str) -> None:
-    """Raise the house ValueError naming the field and the fix when ok is false."""
-    if not ok:
-        raise ValueError(f"{owner}.{field}: {fix}")
 
 
 def is_int(x) -> bool:

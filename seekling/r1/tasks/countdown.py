@@ -32,8 +32,9 @@ from typing import ClassVar
 
 from seekling.r1.tasks import expression
 from seekling.r1.tasks.answer import Reason
-from seekling.r1.tasks.base import Problem, Task, is_int, require
+from seekling.r1.tasks.base import Problem, Task, is_int
 from seekling.r1.tasks.expression import BinOp, Num
+from seekling.validate import require
 
 MAX_COUNT = 6  # 100**6 = expression.MAX_MAGNITUDE: no product of the numbers can be refused as huge
 MAX_NUMBER = 100

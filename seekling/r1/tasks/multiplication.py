@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from seekling.r1.tasks.arithmetic import MAX_DIGITS, random_operand
-from seekling.r1.tasks.base import IntegerTask, Problem, is_int, require
+from seekling.r1.tasks.base import IntegerTask, Problem, is_int
+from seekling.validate import require
 
 
 def partial_product_line(a: int, digit: int, place: int) -> tuple[str, int]:
