@@ -18,9 +18,6 @@ checkpointing (the presets fit without it).
 
 from __future__ import annotations
 
-import math
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +32,10 @@ from seekling.train import state as run_state
 from seekling.train.config import TrainConfig
 from seekling.train.core import StepConfig, TrainStep, evaluate, next_token_loss
 from seekling.train.flops import measure_peak_flops, train_flops_per_token
+from seekling.train.loop import Cadence, Progress, run_loop
 from seekling.train.optim import build_optimizer, lr_at
 from seekling.train.plots import plot_run
-from seekling.train.progress import Display, MetricsLog, fmt_duration
+from seekling.train.progress import fmt_duration
 
 
 def train(cfg: TrainConfig, *, on_step=None, live: bool | None = None, plots: bool = True) -> dict:
@@ -58,26 +56,6 @@ def resume(run_dir: str, *, on_step=None, live: bool | None = None, plots: bool 
     cfg = run_state.read_train_config(run_dir)
     ckpt = run_state.find_checkpoint(run_dir)
     return _fit(cfg, run_dir, ckpt, on_step=on_step, live=live, plots=plots)
-
-
-class StopSignals:
-    """SIGINT/SIGTERM ask the loop to finish its step, save and exit; a second SIGINT aborts at once."""
-
-    def __enter__(self):
-        self.reason, self._old = None, {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.reason = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 @dataclass
@@ -156,75 +134,37 @@ def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, p
         print(f"warning: this CPU has no native bf16, so bf16 matmuls are emulated ({peak / measure_peak_flops(torch.float32):.0%} "
               "of the fp32 speed measured above); --dtype auto would train in fp32")
 
-    def state_now() -> dict:
-        # the data position is (seed, step): TrainLoader.batch is a pure function of them
-        return {"step": run.step, "tokens": run.tokens,
-                "elapsed": run.elapsed_before + time.perf_counter() - session_start,
-                "dtype": str(dtype).removeprefix("torch."), "finished": run.step >= cfg.steps,
-                "data": {"seed": cfg.seed, "next_micro_batch": run.step * cfg.grad_accum}, "train_config": cfg.to_dict()}
+    def step(i: int) -> tuple[dict, int]:
+        lr = lr_at(i, cfg)
+        first = i * cfg.grad_accum  # batches are a pure function of (seed, micro-batch index)
+        metrics = train_step([run.train_data.batch(first + micro) for micro in range(cfg.grad_accum)], lr)
+        row = {"loss": metrics["loss"], "mtp_loss": metrics.get("mtp_loss"), "lr": lr,
+               "grad_norm": metrics.get("grad_norm")}
+        if "expert_load" in metrics:
+            row["expert_load"] = metrics["expert_load"]
+        return row, cfg.tokens_per_step
 
-    def save() -> None:
-        run_state.save_checkpoint(run_dir, model, run.optimizer, run.tokenizer, state_now())
+    def evaluate_now() -> tuple[dict, str]:
+        val = _val_metrics(run)
+        return val, f"val loss {val['val_loss']:.4f}, {val['val_bpb']:.4f} bits/byte"
 
-    # ---- the loop
-    log = MetricsLog(run_dir / run_state.METRICS)
-    display = Display(cfg.steps, run.step, live=live)
-    last_val, saved_at, stop_reason = None, None, None
-    t_log, tokens_log = time.perf_counter(), 0
-    try:
-        with StopSignals() as signals:
-            while run.step < cfg.steps:
-                lr = lr_at(run.step, cfg)
-                first = run.step * cfg.grad_accum
-                metrics = train_step([run.train_data.batch(first + micro) for micro in range(cfg.grad_accum)], lr)
-                run.step += 1
-                run.tokens += cfg.tokens_per_step
-                tokens_log += cfg.tokens_per_step
-                step = run.step
+    def save(progress: Progress, finished: bool) -> None:
+        state = {"step": progress.step, "tokens": progress.tokens, "elapsed": progress.elapsed,
+                 "dtype": str(dtype).removeprefix("torch."), "finished": finished,
+                 "data": {"seed": cfg.seed, "next_micro_batch": progress.step * cfg.grad_accum},
+                 "train_config": cfg.to_dict()}
+        run_state.save_checkpoint(run_dir, model, run.optimizer, run.tokenizer, state)
 
-                # ---- evaluate, log, checkpoint
-                last = step == cfg.steps
-                evaluating = last or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
-                if step % cfg.log_every == 0 or evaluating:
-                    tps = tokens_log / (time.perf_counter() - t_log)
-                    row = {"step": step, "tokens": run.tokens, "loss": metrics["loss"],
-                           "mtp_loss": metrics.get("mtp_loss"), "lr": lr, "grad_norm": metrics.get("grad_norm"),
-                           "tok_per_s": tps, "mfu": tps * flops_per_token / peak, "elapsed": state_now()["elapsed"]}
-                    if "expert_load" in metrics:
-                        row["expert_load"] = metrics["expert_load"]
-                    if evaluating:  # after the throughput reading: evaluation is not training speed
-                        row |= _val_metrics(run)
-                        last_val = (row["val_loss"], row["val_bpb"])
-                        display.message(f"step {step}: val loss {last_val[0]:.4f}, {last_val[1]:.4f} bits/byte")
-                    if not math.isfinite(row["loss"]):
-                        raise FloatingPointError(f"training loss became {row['loss']} at step {step}; lower lr "
-                                                 f"(now {cfg.lr}) or raise warmup_steps, then start a new run")
-                    log.write(row)
-                    display.update(step, row)
-                    t_log, tokens_log = time.perf_counter(), 0
-                else:
-                    display.update(step)
-                t_aside = time.perf_counter()  # hooks and checkpoints do not count as training throughput
-                stop_reason = signals.reason
-                if on_step is not None and on_step(step, model, display) and not last:
-                    stop_reason = stop_reason or "stopped by the caller"
-                session = time.perf_counter() - session_start
-                if stop_reason is None and cfg.time_limit_s is not None and session > cfg.time_limit_s and not last:
-                    stop_reason = f"time limit of {fmt_duration(cfg.time_limit_s)} reached"
-                if last or stop_reason or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0):
-                    save()
-                    saved_at = step
-                t_log += time.perf_counter() - t_aside
-                if stop_reason:
-                    break
-    finally:
-        display.close()
-        log.close()
-
-    step = run.step
-    if saved_at != step and step != start_step:  # (a resumed finished run trains nothing and saves nothing)
-        save()
-    return _report(run, state_now(), start_step, stop_reason, last_val, plots)
+    result = run_loop(step=step, evaluate=evaluate_now, save=save, run_dir=run_dir, model=model,
+                      cadence=Cadence(steps=cfg.steps, log_every=cfg.log_every, eval_every=cfg.eval_every,
+                                      ckpt_every=cfg.ckpt_every, time_limit_s=cfg.time_limit_s),
+                      start=Progress(run.step, run.tokens, run.elapsed_before), flops_per_token=flops_per_token,
+                      peak=peak, on_step=on_step, live=live, session_start=session_start)
+    run.step, run.tokens = result.progress.step, result.progress.tokens
+    state = {"step": run.step, "tokens": run.tokens, "elapsed": result.progress.elapsed,
+             "dtype": str(dtype).removeprefix("torch."), "finished": run.step >= cfg.steps}
+    last_val = (result.last_val["val_loss"], result.last_val["val_bpb"]) if result.last_val else None
+    return _report(run, state, start_step, result.stopped, last_val, plots)
 
 
 def _report(run: _Run, state: dict, start_step: int, stop_reason: str | None, last_val, plots: bool) -> dict:
