@@ -120,6 +120,22 @@ def cmd_serve(args) -> None:
                engine_options=(("compile", True),) if args.compile else ())
 
 
+def cmd_sft(args) -> None:
+    from seekling.r1.evaluate import parse_knobs
+    from seekling.r1.sft import SFTConfig, resume_sft, sft
+
+    if args.resume:
+        resume_sft(args.resume)
+        return
+    if not args.task or not args.init:
+        raise ValueError("give --task and --from (or --resume RUN_DIR)")
+    given = dict(task=args.task, knobs=parse_knobs(args.knob), init=args.init, out_dir=args.out, max_steps=args.steps,
+                 batch_size=args.batch_size, lr=args.lr, examples=args.examples, eval_every=args.eval_every,
+                 eval_problems=args.eval_problems, seed=args.seed, dtype=args.dtype, time_limit_s=args.time_limit,
+                 warmup_steps=args.warmup)
+    sft(SFTConfig(**{k: v for k, v in given.items() if v is not None}))
+
+
 def cmd_eval(args) -> None:
     from seekling.r1.evaluate import eval_command
 
@@ -230,6 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compile", action="store_true",
                        help="compile the decode step before listening (~1 min cold): 1.5-3x the tokens/s of eager")
     serve.set_defaults(func=cmd_serve)
+    sf = sub.add_parser("sft", help="cold-start SFT on a checkable task's worked solutions (<think> traces)")
+    sf.add_argument("--task", help="addition, multiplication or countdown")
+    sf.add_argument("--from", dest="init", metavar="MODEL", help="a checkpoint directory, or a preset for fresh weights")
+    sf.add_argument("--knob", action="append", metavar="KEY=VALUE", help="a task difficulty knob, e.g. digits=2")
+    sf.add_argument("--resume", metavar="RUN_DIR", help="continue an SFT run exactly where it stopped")
+    sf.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/sft)")
+    sf.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
+    sf.add_argument("--batch-size", type=int, default=None, help="worked solutions per step (default 16)")
+    sf.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    sf.add_argument("--warmup", type=int, default=None, help="warmup steps (default 20)")
+    sf.add_argument("--examples", type=int, default=None, help="distinct training problems (default 4000)")
+    sf.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default 100)")
+    sf.add_argument("--eval-problems", type=int, default=None, help="held-out problems per evaluation (default 50)")
+    sf.add_argument("--seed", type=int, default=None)
+    sf.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"])
+    sf.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop cleanly (resumable) after this long")
+    sf.set_defaults(func=cmd_sft)
+
     ev = sub.add_parser("eval", help="held-out pass@1 (greedy) and pass@k (sampled) on a checkable task, as JSON")
     ev.add_argument("--task", required=True, help="addition, multiplication or countdown")
     ev.add_argument("--model", required=True, metavar="DIR", help="a checkpoint directory with its tokenizer")

@@ -82,24 +82,29 @@ def write_json_atomic(path: Path, obj) -> None:
 
 # ---------------------------------------------------------------- the run directory
 
-def init_run(run_dir: Path, cfg: TrainConfig) -> None:
-    """Create a run directory for a new run; refuse one that already holds a run."""
-    if (run_dir / TRAIN_CONFIG).exists() or find_checkpoint(run_dir) is not None:
-        raise ValueError(f"{run_dir} already holds a training run; continue it with `seekling train --resume {run_dir}` "
+def init_run(run_dir: Path, cfg, name: str = TRAIN_CONFIG, command: str = "seekling train") -> None:
+    """Create a run directory for a new run and write its config (`cfg.to_dict()`) as `name`;
+    refuse a directory that already holds a run. `command` is what continues one, for the error."""
+    if (run_dir / name).exists() or find_checkpoint(run_dir) is not None:
+        raise ValueError(f"{run_dir} already holds a run; continue it with `{command} --resume {run_dir}` "
                          "or pass another --out directory")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / TRAIN_CONFIG, cfg.to_dict())
+    write_json_atomic(run_dir / name, cfg.to_dict())
+
+
+def read_run_config(run_dir: Path, name: str = TRAIN_CONFIG, command: str = "seekling train") -> dict:
+    """A run's config as written by init_run, with errors that say what to do."""
+    path = run_dir / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run of `{command}` (no {name}); start one with `{command}`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it or start a new run") from None
 
 
 def read_train_config(run_dir: Path) -> TrainConfig:
-    path = run_dir / TRAIN_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run (no {TRAIN_CONFIG}); start one with `seekling train`")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); restore it or start a new run") from None
-    return TrainConfig.from_dict(d, str(path))
+    return TrainConfig.from_dict(read_run_config(run_dir), str(run_dir / TRAIN_CONFIG))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
