@@ -15,9 +15,7 @@ Left out: majority voting (cons@k), which R1 reports beside pass@1 but a tiny mo
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from seekling.inference.engine import Engine, EngineConfig, RequestOutput
 from seekling.inference.sampling import SamplingParams
 from seekling.r1.tasks import Task, get_task
 from seekling.terminal import load_model_dir
+from seekling.train.state import write_json_atomic
 from seekling.validate import checker
 
 
@@ -134,16 +133,6 @@ def evaluate(model, tokenizer, task: Task, config: EvalConfig | None = None, *, 
     return report
 
 
-def write_report(report: dict, path: str | os.PathLike) -> Path:
-    """The report as JSON, written to a temporary name and renamed (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def parse_knobs(pairs: list[str] | None) -> dict:
     """["digits=4", "allow_negative=true"] -> {"digits": 4, "allow_negative": True}."""
     knobs = {}
@@ -163,7 +152,9 @@ def eval_command(task: str, model_dir: str, *, knobs: list[str] | None = None, o
     the_task = get_task(task, **parse_knobs(knobs))
     model, tokenizer = load_model_dir(model_dir)
     report = evaluate(model, tokenizer, the_task, cfg)
-    path = write_report(report, out or Path(model_dir) / f"eval-{task}.json")
+    path = Path(out or Path(model_dir) / f"eval-{task}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, report)  # never a half-written report
     summary = f"{task} ({report['problems']} held-out problems): pass@1 {report['pass@1']:.1%}"
     if cfg.k:
         summary += f", pass@{cfg.k} {report[f'pass@{cfg.k}']:.1%} ({report['samples_per_problem']} samples each)"

@@ -31,6 +31,7 @@ from torch import nn
 
 from seekling.model.moe import RouterTrace
 from seekling.train.balance import moe_gates, sequence_balance_loss, update_expert_bias
+from seekling.train.optim import set_lr
 from seekling.validate import checker
 
 
@@ -138,8 +139,7 @@ class TrainStep:
             raise ValueError("TrainStep needs at least one micro-batch")
         cfg, model = self.config, self.model
         if lr is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)
         sums: dict[str, torch.Tensor] = {}
         counts = torch.zeros(self.n_gates, self.n_experts, dtype=torch.long, device=self.device) if self.n_gates else None
         for batch in micro_batches:
