@@ -27,10 +27,8 @@ from seekling.presets import get_preset
 from seekling.stats import model_stats
 from seekling.tokenizer import load_default_tokenizer
 from seekling.train.config import train_preset
-from seekling.train.optim import build_optimizer
-from seekling.train.core import StepConfig, TrainStep, next_token_loss
 from seekling.train.state import read_metrics
-from seekling.train.trainer import train
+from seekling.train.trainer import pretraining_step, train
 
 
 def dense_twin(moe: ModelConfig) -> ModelConfig:
@@ -56,9 +54,7 @@ def interleaved_step_times(tcfgs: dict, rounds: int = 6) -> dict[str, float]:
     for name, tcfg in tcfgs.items():
         model = Transformer(tcfg.model_config)
         model.init_weights(0)
-        steps[name] = TrainStep(model, build_optimizer(model, tcfg), next_token_loss(tcfg.mtp_lambda, tcfg.seq_aux_alpha),
-                                StepConfig(dtype=resolve_dtype(tcfg.dtype, torch.device("cpu")), grad_clip=tcfg.grad_clip,
-                                           bias_update_gamma=tcfg.bias_update_gamma))
+        steps[name] = pretraining_step(model, tcfg, resolve_dtype(tcfg.dtype, torch.device("cpu")))
     times = {name: [] for name in steps}
     for r in range(rounds + 1):
         batch = loader.batch(r)

@@ -24,15 +24,15 @@ from seekling.device import default_device, resolve_dtype
 from seekling.model.transformer import Transformer
 from seekling.presets import get_preset
 from seekling.train.config import TrainConfig
-from seekling.train.core import StepConfig, TrainStep, autocast, next_token_loss
+from seekling.train.core import autocast
 from seekling.train.flops import measure_peak_flops, train_flops_per_token
 from seekling.train.optim import build_optimizer
+from seekling.train.trainer import pretraining_step
 
 
 def seekling_step(model, tcfg, dtype, compile=False):
     """The trainer's own step (train/core.py), as `seekling train` runs it."""
-    step = TrainStep(model, build_optimizer(model, tcfg), next_token_loss(tcfg.mtp_lambda),
-                     StepConfig(dtype=dtype, grad_clip=1.0, bias_update_gamma=1e-3, compile=compile))
+    step = pretraining_step(model, tcfg.replace(compile=compile), dtype)
     return lambda x, y: step([(x, y)])
 
 

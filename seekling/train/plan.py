@@ -18,8 +18,7 @@ from seekling.device import default_device, resolve_dtype
 from seekling.model.transformer import Transformer
 from seekling.tokenizer import load_default_tokenizer
 from seekling.train.config import TrainConfig
-from seekling.train.core import StepConfig, TrainStep, next_token_loss
-from seekling.train.optim import build_optimizer
+from seekling.train.trainer import pretraining_step
 
 
 def measure_step_time(cfg: TrainConfig, loader: TrainLoader, model: nn.Module, n: int = 3) -> float:
@@ -31,9 +30,7 @@ def measure_step_time(cfg: TrainConfig, loader: TrainLoader, model: nn.Module, n
     """
     device = next(model.parameters()).device
     probe = copy.deepcopy(model).train()
-    step = TrainStep(probe, build_optimizer(probe, cfg), next_token_loss(cfg.mtp_lambda, cfg.seq_aux_alpha),
-                     StepConfig(dtype=resolve_dtype(cfg.dtype, device), grad_clip=cfg.grad_clip,
-                                bias_update_gamma=cfg.bias_update_gamma))
+    step = pretraining_step(probe, cfg.replace(compile=False), resolve_dtype(cfg.dtype, device))
     times = []
     for i in range(n + 1):  # the first step warms up kernels and allocations
         t = time.perf_counter()

@@ -58,6 +58,15 @@ def resume(run_dir: str, *, on_step=None, live: bool | None = None, plots: bool 
     return _fit(cfg, run_dir, ckpt, on_step=on_step, live=live, plots=plots)
 
 
+def pretraining_step(model: Transformer, cfg: TrainConfig, dtype: torch.dtype,
+                     optimizer: torch.optim.Optimizer | None = None) -> TrainStep:
+    """The step `seekling train` runs for cfg: next-token (+MTP, + balance) loss, cfg's clipping,
+    expert balancing and compilation; a fresh AdamW unless `optimizer` is given."""
+    return TrainStep(model, optimizer or build_optimizer(model, cfg), next_token_loss(cfg.mtp_lambda, cfg.seq_aux_alpha),
+                     StepConfig(dtype=dtype, grad_clip=cfg.grad_clip, bias_update_gamma=cfg.bias_update_gamma,
+                                compile=cfg.compile))
+
+
 @dataclass
 class _Run:
     """Everything one training session holds: built fresh, or restored from a checkpoint."""
@@ -115,9 +124,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, p
     model, dtype, device = run.model, run.dtype, run.device
     run_state.truncate_metrics(run_dir, run.step)
     start_step = run.step
-    train_step = TrainStep(model, run.optimizer, next_token_loss(cfg.mtp_lambda, cfg.seq_aux_alpha),
-                           StepConfig(dtype=dtype, grad_clip=cfg.grad_clip, bias_update_gamma=cfg.bias_update_gamma,
-                                      compile=cfg.compile))
+    train_step = pretraining_step(model, cfg, dtype, run.optimizer)
     if cfg.compile:
         print("torch.compile enabled: the first step includes compilation (about a minute on a laptop CPU)")
 
