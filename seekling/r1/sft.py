@@ -38,9 +38,8 @@ from seekling.train import state as run_state
 from seekling.train.core import StepConfig, TrainStep, next_token_loss
 from seekling.train.core import evaluate as eval_loss
 from seekling.train.flops import measure_peak_flops, train_flops_per_token
-from seekling.train.loop import Cadence, Progress, run_loop
+from seekling.train.loop import Cadence, Progress, run_loop, summarize
 from seekling.train.optim import build_optimizer, lr_at
-from seekling.train.plots import plot_run
 from seekling.train.progress import fmt_duration
 from seekling.validate import checker
 
@@ -203,24 +202,14 @@ def _fit(cfg: SFTConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plo
                       cadence=Cadence(steps=cfg.steps, log_every=cfg.log_every, eval_every=cfg.eval_every,
                                       ckpt_every=cfg.ckpt_every, time_limit_s=cfg.time_limit_s),
                       flops_per_token=flops, peak=peak, on_step=on_step, live=live, session_start=session_start)
-    p = result.progress
-    out = {"step": p.step, "tokens": p.tokens, "elapsed": p.elapsed, "finished": p.step >= cfg.steps,
-           "stopped": result.stopped, "run_dir": str(run_dir), "model_dir": str(run_dir / run_state.MODEL_DIR)}
-    rows = run_state.read_metrics(run_dir)
+    out, rows, trained = summarize(result, first_step=start.step, steps=cfg.steps, run_dir=run_dir,
+                                   command="seekling sft", plots=plots)
     if rows:
         out["loss"] = rows[-1]["loss"]
     evals = [r for r in rows if "pass@1" in r]
     if evals:
         out |= {k: evals[-1][k] for k in ("val_loss", "pass@1")}
-    if result.stopped:
-        print(f"stopped at step {p.step}/{cfg.steps} ({result.stopped}); checkpoint saved. Continue with:\n"
-              f"  seekling sft --resume {run_dir}")
-    elif p.step == start.step:
-        print(f"{run_dir} already finished its {cfg.steps} steps (model in {run_dir / run_state.MODEL_DIR})")
-    else:
-        if plots:
-            plot_run(run_dir)
-        print(f"done: {p.step} steps in {fmt_duration(p.elapsed)}"
-              + (f"; held-out pass@1 {out['pass@1']:.1%}" if "pass@1" in out else "")
-              + f"; model in {run_dir / run_state.MODEL_DIR}")
+    if trained:
+        print(f"done: {out['step']} steps in {fmt_duration(out['elapsed'])}"
+              + (f"; held-out pass@1 {out['pass@1']:.1%}" if evals else "") + f"; model in {out['model_dir']}")
     return out

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seekling.train import state as run_state
+from seekling.train.plots import plot_run
 from seekling.train.progress import Display, MetricsLog, fmt_duration
 
 
@@ -141,3 +142,22 @@ def run_loop(*, step: Callable[[int], tuple[dict, int]], evaluate: Callable[[], 
     if saved_at != progress.step and progress.step != first_step:  # a finished run resumed trains and saves nothing
         save(now(), progress.step >= cadence.steps)
     return LoopResult(progress=now(), stopped=stop_reason, last_val=last_val)
+
+
+def summarize(result: LoopResult, *, first_step: int, steps: int, run_dir: Path, command: str,
+              plots: bool) -> tuple[dict, list[dict], bool]:
+    """How a run ended, for its driver to return: (outcome dict, the logged rows, whether it trained
+    to its end in this session). Prints why it stopped early, or that it had nothing left to train;
+    draws the plots when it finished here (the driver then prints its own closing line)."""
+    p = result.progress
+    out = {"step": p.step, "tokens": p.tokens, "elapsed": p.elapsed, "finished": p.step >= steps,
+           "stopped": result.stopped, "run_dir": str(run_dir), "model_dir": str(run_dir / run_state.MODEL_DIR)}
+    rows = run_state.read_metrics(run_dir)
+    if result.stopped:
+        print(f"stopped at step {p.step}/{steps} ({result.stopped}); checkpoint saved. Continue with:\n"
+              f"  {command} --resume {run_dir}")
+    elif p.step == first_step:
+        print(f"{run_dir} already finished its {steps} steps; nothing to train (model in {run_dir / run_state.MODEL_DIR})")
+    elif plots:
+        plot_run(run_dir)
+    return out, rows, not result.stopped and p.step != first_step

@@ -32,9 +32,8 @@ from seekling.train import state as run_state
 from seekling.train.config import TrainConfig
 from seekling.train.core import StepConfig, TrainStep, evaluate, next_token_loss
 from seekling.train.flops import measure_peak_flops, train_flops_per_token
-from seekling.train.loop import Cadence, Progress, run_loop
+from seekling.train.loop import Cadence, Progress, run_loop, summarize
 from seekling.train.optim import build_optimizer, lr_at
-from seekling.train.plots import plot_run
 from seekling.train.progress import fmt_duration
 
 
@@ -167,33 +166,16 @@ def _fit(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, p
                                       ckpt_every=cfg.ckpt_every, time_limit_s=cfg.time_limit_s),
                       start=Progress(run.step, run.tokens, run.elapsed_before), flops_per_token=flops_per_token,
                       peak=peak, on_step=on_step, live=live, session_start=session_start)
-    run.step, run.tokens = result.progress.step, result.progress.tokens
-    state = {"step": run.step, "tokens": run.tokens, "elapsed": result.progress.elapsed,
-             "dtype": str(dtype).removeprefix("torch."), "finished": run.step >= cfg.steps}
-    last_val = (result.last_val["val_loss"], result.last_val["val_bpb"]) if result.last_val else None
-    return _report(run, state, start_step, result.stopped, last_val, plots)
-
-
-def _report(run: _Run, state: dict, start_step: int, stop_reason: str | None, last_val, plots: bool) -> dict:
-    """The result dict (final metrics from metrics.jsonl), the closing line, and the plots."""
-    run_dir, step, cfg = run.run_dir, run.step, run.cfg
-    result = {k: v for k, v in state.items() if k not in ("data", "train_config")}
-    result |= {"run_dir": str(run_dir), "model_dir": str(run_dir / run_state.MODEL_DIR), "stopped": stop_reason}
-    rows = run_state.read_metrics(run_dir)
+    out, rows, trained = summarize(result, first_step=start_step, steps=cfg.steps, run_dir=run_dir,
+                                   command="seekling train", plots=plots)
+    out["dtype"] = str(dtype).removeprefix("torch.")
     if rows:
-        result |= {k: rows[-1].get(k) for k in ("loss", "mtp_loss", "tok_per_s", "mfu")}
+        out |= {k: rows[-1].get(k) for k in ("loss", "mtp_loss", "tok_per_s", "mfu")}
     vals = [r for r in rows if "val_loss" in r]
     if vals:
-        result |= {"val_loss": vals[-1]["val_loss"], "val_bpb": vals[-1]["val_bpb"]}
-    if stop_reason:
-        print(f"stopped at step {step}/{cfg.steps} ({stop_reason}); checkpoint saved. Continue with:\n"
-              f"  seekling train --resume {run_dir}")
-    elif step == start_step:
-        print(f"{run_dir} already finished its {cfg.steps} steps; nothing to train (model in {run_dir / run_state.MODEL_DIR})")
-    else:
-        if plots:
-            plot_run(run_dir)
-        print(f"done: {step} steps, {run.tokens:,} tokens in {fmt_duration(result['elapsed'])}"
-              + (f"; val loss {last_val[0]:.4f}, {last_val[1]:.4f} bits/byte" if last_val else "")
-              + f"; model in {run_dir / run_state.MODEL_DIR}, plots in {run_dir}")
-    return result
+        out |= {"val_loss": vals[-1]["val_loss"], "val_bpb": vals[-1]["val_bpb"]}
+    if trained:
+        print(f"done: {out['step']} steps, {out['tokens']:,} tokens in {fmt_duration(out['elapsed'])}"
+              + (f"; val loss {out['val_loss']:.4f}, {out['val_bpb']:.4f} bits/byte" if vals else "")
+              + f"; model in {out['model_dir']}, plots in {run_dir}")
+    return out
