@@ -71,7 +71,6 @@ class Progress:
 class LoopResult:
     progress: Progress
     stopped: str | None  # why the run stopped early, or None
-    last_val: dict | None  # the last evaluation's metrics
 
 
 def run_loop(*, step: Callable[[int], tuple[dict, int]], evaluate: Callable[[], tuple[dict, str]],
@@ -93,7 +92,7 @@ def run_loop(*, step: Callable[[int], tuple[dict, int]], evaluate: Callable[[], 
 
     log = MetricsLog(run_dir / run_state.METRICS)
     display = Display(cadence.steps, progress.step, live=live)
-    last_val, saved_at, stop_reason = None, None, None
+    saved_at, stop_reason = None, None
     t_log, tokens_log = time.perf_counter(), 0
     try:
         with StopSignals() as signals:
@@ -112,8 +111,8 @@ def run_loop(*, step: Callable[[int], tuple[dict, int]], evaluate: Callable[[], 
                            "mfu": tps * flops_per_token / peak if flops_per_token and peak else None,
                            "elapsed": now().elapsed}
                     if evaluating:  # after the throughput reading: evaluation is not training speed
-                        last_val, message = evaluate()
-                        row |= last_val
+                        val, message = evaluate()
+                        row |= val
                         display.message(f"step {i}: {message}")
                     if not math.isfinite(row["loss"]):
                         raise FloatingPointError(f"training loss became {row['loss']} at step {i}; lower the "
@@ -141,7 +140,7 @@ def run_loop(*, step: Callable[[int], tuple[dict, int]], evaluate: Callable[[], 
         log.close()
     if saved_at != progress.step and progress.step != first_step:  # a finished run resumed trains and saves nothing
         save(now(), progress.step >= cadence.steps)
-    return LoopResult(progress=now(), stopped=stop_reason, last_val=last_val)
+    return LoopResult(progress=now(), stopped=stop_reason)
 
 
 def summarize(result: LoopResult, *, first_step: int, steps: int, run_dir: Path, command: str,
