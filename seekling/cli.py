@@ -136,6 +136,26 @@ def cmd_sft(args) -> None:
     sft(SFTConfig(**{k: v for k, v in given.items() if v is not None}))
 
 
+def cmd_rl(args) -> None:
+    from seekling.r1.evaluate import parse_knobs
+    from seekling.r1.rl import RLConfig, resume_rl, rl
+
+    if args.resume:
+        resume_rl(args.resume)
+        return
+    if not args.task or not args.init:
+        raise ValueError("give --task and --from (or --resume RUN_DIR)")
+    given = dict(task=args.task, knobs=parse_knobs(args.knob), init=args.init, out_dir=args.out, max_steps=args.steps,
+                 prompts_per_step=args.prompts, group_size=args.group_size, max_tokens=args.max_tokens,
+                 temperature=args.temperature, updates_per_batch=args.updates, micro_batch=args.micro_batch,
+                 loss_type=args.loss_type, epsilon=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta,
+                 lr=args.lr, warmup_steps=args.warmup, eval_every=args.eval_every, eval_problems=args.eval_problems,
+                 seed=args.seed, dtype=args.dtype, time_limit_s=args.time_limit,
+                 skip_zero_variance_groups=False if args.keep_zero_variance else None,
+                 compile_rollouts=True if args.compile else None)
+    rl(RLConfig(**{k: v for k, v in given.items() if v is not None}))
+
+
 def cmd_eval(args) -> None:
     from seekling.r1.evaluate import eval_command
 
@@ -264,6 +284,34 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop cleanly (resumable) after this long")
     sf.set_defaults(func=cmd_sft)
 
+    r = sub.add_parser("rl", help="GRPO on a checkable task: sample groups through the engine, reward, update")
+    r.add_argument("--task", help="addition, multiplication or countdown")
+    r.add_argument("--from", dest="init", metavar="MODEL", help="a checkpoint directory that writes the format (after sft)")
+    r.add_argument("--knob", action="append", metavar="KEY=VALUE", help="a task difficulty knob, e.g. digits=2")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue a GRPO run exactly where it stopped")
+    r.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/rl)")
+    r.add_argument("--steps", type=int, default=None, help="rollout steps (default 100)")
+    r.add_argument("--prompts", type=int, default=None, help="prompts per step (default 16)")
+    r.add_argument("--group-size", type=int, default=None, help="completions per prompt, G (default 8)")
+    r.add_argument("--max-tokens", type=int, default=None, help="per completion (default 128)")
+    r.add_argument("--temperature", type=float, default=None, help="rollout sampling temperature (default 1.0)")
+    r.add_argument("--updates", type=int, default=None, help="optimizer steps per rollout batch (default 1)")
+    r.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward (default 32)")
+    r.add_argument("--loss-type", default=None, choices=["grpo", "dr_grpo", "dapo"], help="loss aggregation (default dapo)")
+    r.add_argument("--epsilon", type=float, default=None, help="lower clip (default 0.2)")
+    r.add_argument("--epsilon-high", type=float, default=None, help="upper clip (default 0.28)")
+    r.add_argument("--beta", type=float, default=None, help="KL to the starting model (default 0: no reference)")
+    r.add_argument("--keep-zero-variance", action="store_true",
+                   help="train on groups whose rewards are all equal (default: count and skip them)")
+    r.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
+    r.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5)")
+    r.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default 10)")
+    r.add_argument("--eval-problems", type=int, default=None, help="held-out problems per evaluation (default 100)")
+    r.add_argument("--compile", action="store_true", help="compiled decode step for the rollouts (~1 min to compile)")
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"])
+    r.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop cleanly (resumable) after this long")
+    r.set_defaults(func=cmd_rl)
     ev = sub.add_parser("eval", help="held-out pass@1 (greedy) and pass@k (sampled) on a checkable task, as JSON")
     ev.add_argument("--task", required=True, help="addition, multiplication or countdown")
     ev.add_argument("--model", required=True, metavar="DIR", help="a checkpoint directory with its tokenizer")

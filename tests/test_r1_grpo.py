@@ -275,18 +275,20 @@ def test_two_micro_batches_equal_one_big_batch(loss_type):
     noise = torch.randn(logp.shape, generator=torch.Generator().manual_seed(3)) * 0.3
     batch["old_logp"] = (logp + noise) * batch["completion_mask"]  # ratios away from 1: some tokens clip
     cfg = GRPOConfig(loss_type=loss_type, epsilon_high=0.28, max_completion_len=16)
-    halves = [{k: v[s] for k, v in batch.items()} for s in (slice(0, 2), slice(2, 4))]
+    # unequal parts: 1 sequence (2 tokens) and 3 sequences (26 tokens), as the last micro-batch of a
+    # rollout or one left after skipping zero-variance groups
+    parts = [{k: v[s] for k, v in batch.items()} for s in (slice(0, 1), slice(1, 4))]
     big = _step_grads(model, share_step_tokens([batch]), cfg)
-    split = _step_grads(model, share_step_tokens(halves), cfg)
+    split = _step_grads(model, share_step_tokens(parts), cfg)
     assert sum(g is not None for g in big) > 10
     for a, b in zip(big, split):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
-    if loss_type == "dapo":
-        # each half normalised by its own tokens weighs the 12-token half's tokens more: not the same
-        local = _step_grads(model, halves, cfg)
-        assert max((a - b).abs().max().item() for a, b in zip(big, local) if a is not None) > 1e-4
+    # each part normalised by its own tokens (dapo) or sequences (grpo, dr_grpo) weighs the lone
+    # sequence three times as much: not the same gradient
+    local = _step_grads(model, parts, cfg)
+    assert max((a - b).abs().max().item() for a, b in zip(big, local) if a is not None) > 1e-4
 
 
 def test_token_logprobs_by_hand():

@@ -78,6 +78,9 @@ class GRPOConfig:
     # DAPO's dynamic sampling. Off by default: every peer default keeps them.
     skip_zero_variance_groups: bool = False
     max_completion_len: int | None = None  # dr_grpo's constant normaliser; required for dr_grpo
+    # The sampling temperature: the policy whose ratio is taken is softmax(logits / temperature),
+    # the distribution the completions were drawn from (as TRL does).
+    temperature: float = 1.0
 
     def __post_init__(self):
         if self.epsilon_high is None:
@@ -97,6 +100,9 @@ class GRPOConfig:
         for f in ("scale_rewards", "skip_zero_variance_groups"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"GRPOConfig.{f}: must be True or False, got {getattr(self, f)!r}")
+        t = self.temperature
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0):
+            raise ValueError(f"GRPOConfig.temperature: must be > 0 (the rollouts' sampling temperature), got {t!r}")
         m = self.max_completion_len
         if m is not None and not (isinstance(m, int) and m > 0):
             raise ValueError(f"GRPOConfig.max_completion_len: must be a positive integer, got {m!r}")
@@ -106,11 +112,13 @@ class GRPOConfig:
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cfg: GRPOConfig, ref_logp: torch.Tensor | None = None, num_tokens: float | torch.Tensor | None = None):
+                cfg: GRPOConfig, ref_logp: torch.Tensor | None = None, num_tokens: float | torch.Tensor | None = None,
+                num_sequences: float | None = None):
     """The clipped GRPO loss over (B, T) per-token log-probabilities; returns (loss, detached stats).
 
-    `num_tokens` replaces the local completion-token count as dapo's denominator (grpo_loss_fn says
-    how gradient accumulation uses it). Stats: clip_frac (tokens whose clipped term was selected:
+    `num_tokens` replaces the local completion-token count as dapo's denominator, `num_sequences`
+    the local sequence count B as grpo's and dr_grpo's (share_step_tokens says how gradient
+    accumulation uses them). Stats: clip_frac (tokens whose clipped term was selected:
     r > 1 + epsilon_high with A > 0, or r < 1 - epsilon with A < 0; such a token has no policy
     gradient), clip_low_frac and clip_high_frac (the two sides), ratio_mean, kl (mean k3 to the
     reference, only when ref_logp is given) and tokens (the local completion-token count).
@@ -133,12 +141,13 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
             per_token = per_token + cfg.beta * kl
     per_token = per_token * mask
     n_tok = mask.sum()
+    n_seq = num_sequences if num_sequences is not None else mask.shape[0]
     if cfg.loss_type == "grpo":
-        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
+        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seq
     elif cfg.loss_type == "dapo":
         loss = per_token.sum() / (num_tokens if num_tokens is not None else n_tok.clamp(min=1))
     else:
-        loss = per_token.sum() / (mask.shape[0] * cfg.max_completion_len)
+        loss = per_token.sum() / (n_seq * cfg.max_completion_len)
 
     with torch.no_grad():
         denom = n_tok.clamp(min=1).float()
@@ -153,11 +162,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, completion_mask: torch.Tensor,
-                   trace: RouterTrace | None = None) -> torch.Tensor:
+                   trace: RouterTrace | None = None, temperature: float = 1.0) -> torch.Tensor:
     """(B, T) fp32 log-probability of each masked token given its prefix; 0 off the mask.
 
-    As the engine computes it: log_softmax(logits at t-1)[token t] in fp32 over the raw logits. Only
-    the masked rows go through the output head (prompts cost no (tokens, V) logits).
+    As the engine computes it: log_softmax(logits at t-1)[token t] in fp32 over the raw logits
+    (divided by `temperature` when it is not 1). Only the masked rows go through the output head
+    (prompts cost no (tokens, V) logits).
     """
     mask = completion_mask.bool()
     if mask[:, 0].any():
@@ -168,42 +178,61 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, completion_mask: t
     # costs a little speed and nothing in correctness; the (B, T, V) logits of every prompt token cost more.
     b, t = mask[:, 1:].nonzero(as_tuple=True)  # the (row, position - 1) of each completion token
     logits = model.head(h[b, t])  # (N, V): position t-1 predicts token t
+    if temperature != 1.0:
+        logits = logits.float() / temperature
     picked = torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, input_ids[b, t + 1][:, None])[:, 0]
     out = torch.zeros(mask.shape, dtype=torch.float32, device=input_ids.device)
     return out.index_put((b, t + 1), picked)
 
 
 def share_step_tokens(micro_batches: list[dict]) -> list[dict]:
-    """Copies of one optimizer step's micro-batches that carry the step's completion-token count.
+    """Copies of one optimizer step's micro-batches that carry the step's completion-token and sequence counts.
 
     TrainStep backpropagates loss / n_micro for each micro-batch, so dapo's loss is
     sum / (num_tokens_in_step / micro_batches_in_step): the accumulated gradient is then exactly the
-    gradient of sum over the step / num_tokens_in_step, as one big batch would give. With data
-    parallelism (gradients averaged over ranks) a driver all-reduces num_tokens_in_step and
-    multiplies micro_batches_in_step by the number of ranks.
+    gradient of sum over the step / num_tokens_in_step, as one big batch would give. grpo and
+    dr_grpo divide by sequences_in_step / micro_batches_in_step the same way, so micro-batches of
+    unequal sizes (the last one of a rollout, or after zero-variance groups were skipped) weigh each
+    sequence equally. With data parallelism (gradients averaged over ranks) a driver all-reduces
+    the two counts and multiplies micro_batches_in_step by the number of ranks.
     """
     total = sum(int(mb["completion_mask"].bool().sum()) for mb in micro_batches)
-    return [{**mb, "num_tokens_in_step": total, "micro_batches_in_step": len(micro_batches)} for mb in micro_batches]
+    seqs = sum(int(mb["completion_mask"].shape[0]) for mb in micro_batches)
+    return [{**mb, "num_tokens_in_step": total, "sequences_in_step": seqs, "micro_batches_in_step": len(micro_batches)}
+            for mb in micro_batches]
 
 
 def grpo_loss_fn(cfg: GRPOConfig) -> LossFn:
     """A TrainStep loss over GRPO micro-batches.
 
-    A batch is a dict: input_ids (B, T), completion_mask (B, T), old_logp (B, T), advantages (B,),
-    and optionally ref_logp (B, T) and the step's token count from `share_step_tokens` (used by dapo;
-    without it dapo normalises by the micro-batch's own tokens, exact only for a single micro-batch).
-    grpo and dr_grpo average per-sequence terms, so they are exact under accumulation when the
-    micro-batches hold equal numbers of sequences.
+    A batch is a dict: input_ids (B, T), completion_mask (B, T), advantages (B,), and optionally
+    old_logp (B, T), ref_logp (B, T), sampler_logp (B, T) and the step's counts from `share_step_tokens`.
+    Without old_logp the batch is taken as sampled by the weights being updated (the first of its
+    updates): old_logp is then the trainer's own log-probability, detached, which makes the ratio
+    exactly 1 with no extra forward pass, in any compute dtype. sampler_logp (what the engine
+    reported) is compared, not used: the stat sampler_gap is the mean |trainer - sampler|
+    log-probability, the train/inference mismatch that bf16 autocast or a different kernel brings. Without them each
+    micro-batch normalises by its own tokens (dapo) or sequences (grpo, dr_grpo): exact for a single
+    micro-batch, and for grpo and dr_grpo whenever the micro-batches hold equal numbers of sequences.
     """
 
     def loss_fn(model, batch, trace):
         mask = batch["completion_mask"]
-        logp = token_logprobs(model, batch["input_ids"], mask, trace)
-        num_tokens = None
+        logp = token_logprobs(model, batch["input_ids"], mask, trace, cfg.temperature)
+        old_logp = batch.get("old_logp")
+        if old_logp is None:
+            old_logp = logp.detach()
+        num_tokens = num_sequences = None
         if "num_tokens_in_step" in batch:
             num_tokens = max(batch["num_tokens_in_step"], 1) / batch["micro_batches_in_step"]
-        loss, stats = policy_loss(logp, batch["old_logp"], batch["advantages"], mask, cfg,
-                                  ref_logp=batch.get("ref_logp"), num_tokens=num_tokens)
+        if "sequences_in_step" in batch:
+            num_sequences = batch["sequences_in_step"] / batch["micro_batches_in_step"]
+        loss, stats = policy_loss(logp, old_logp, batch["advantages"], mask, cfg,
+                                  ref_logp=batch.get("ref_logp"), num_tokens=num_tokens, num_sequences=num_sequences)
+        if "sampler_logp" in batch:
+            with torch.no_grad():
+                gap = (logp.detach() - batch["sampler_logp"]).abs() * mask
+                stats["sampler_gap"] = gap.sum() / mask.sum().clamp(min=1)
         return LossOutput(loss, {"loss": loss.detach(), **stats})
 
     return loss_fn

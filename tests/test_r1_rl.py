@@ -1,0 +1,212 @@
+"""`seekling rl` (r1/rl.py, r1/rollout.py): GRPO raises reward, several updates per batch move the
+ratio, the KL term, zero-variance groups, exact resume, the command and its errors."""
+
+import random
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from test_train_support import TINY_MODEL, _private_cache  # noqa: F401 (fixture)
+
+import seekling
+from seekling.cli import main
+from seekling.inference.engine import Engine, EngineConfig
+from seekling.model.transformer import Transformer
+from seekling.r1.grpo import group_advantages, share_step_tokens
+from seekling.r1.rl import RLConfig, resume_rl, rl
+from seekling.r1.rollout import SamplingSpec, completion_seed, micro_batches, sample_groups
+from seekling.r1.tasks import TASKS, Problem, Reason, Score, Task
+from seekling.tokenizer import load_default_tokenizer
+from seekling.train.state import find_checkpoint, read_metrics
+
+STEPS = 12
+
+
+@dataclass(frozen=True, kw_only=True)
+class CapitalTask(Task):
+    """A trivial task with a real signal: a completion scores 1.0 when it starts with a capital
+    letter, 0.1 otherwise. About 20% of the vocabulary's tokens start with one, so a random model
+    is right about one time in five and GRPO has something to sharpen from the first step."""
+
+    name: ClassVar[str] = "capital"
+
+    def _draw(self, rng: random.Random) -> Problem:
+        k = rng.randrange(10**6)
+        return self._problem(statement=str(k), key=str(k), prompt=f"Say something ({k}).", numbers=(k,), op="",
+                             target=0, answer="A")
+
+    def parse_answer(self, text):
+        return text
+
+    def _judge(self, problem, answer):
+        return Reason.CORRECT
+
+    def solution_trace(self, problem):
+        return "", "A"
+
+    def check(self, problem, completion):
+        return Score(reason=Reason.CORRECT if completion[:1].isupper() else Reason.WRONG, answer=completion)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConstantTask(CapitalTask):
+    """Every completion earns 0.1: every group has zero reward variance."""
+
+    name: ClassVar[str] = "constant"
+
+    def check(self, problem, completion):
+        return Score(reason=Reason.WRONG, answer=completion)
+
+
+@pytest.fixture(autouse=True)
+def toy_tasks(monkeypatch):
+    monkeypatch.setitem(TASKS, "capital", CapitalTask)
+    monkeypatch.setitem(TASKS, "constant", ConstantTask)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """A random tiny checkpoint with the default tokenizer (what --from takes).
+
+    Its head is scaled up so that each prompt's next-token distribution is peaked on a few dozen
+    tokens, as a trained model's is; at the initial scale it is near-uniform over 4096 tokens, and
+    a policy gradient that raises the few sampled capitalised tokens barely moves the class.
+    """
+    d = tmp_path_factory.mktemp("base") / "model"
+    model = Transformer(TINY_MODEL.replace(max_seq_len=96))
+    model.init_weights(0)
+    with torch.no_grad():
+        model.head.weight.mul_(30.0)
+    seekling.save(model, d)
+    load_default_tokenizer().save(d)
+    return d
+
+
+def _cfg(base_model, out, **changes):
+    fields = dict(task="capital", init=str(base_model), out_dir=str(out), max_steps=STEPS, prompts_per_step=4,
+                  group_size=8, max_tokens=3, micro_batch=16, problems=64, lr=5e-4, warmup_steps=0, log_every=1,
+                  eval_every=6, eval_problems=8, ckpt_every=4, dtype="float32")
+    return RLConfig(**(fields | changes))
+
+
+@pytest.fixture(scope="module")
+def straight(base_model, tmp_path_factory):
+    TASKS["capital"] = CapitalTask  # module-scoped: the autouse fixture has not run yet
+    try:
+        out = tmp_path_factory.mktemp("rl") / "run"
+        result = rl(_cfg(base_model, out), live=False, plots=False)
+        return result, read_metrics(out)
+    finally:
+        del TASKS["capital"]
+
+
+def test_grpo_raises_reward(straight):
+    result, rows = straight
+    assert result["finished"] and result["step"] == STEPS
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    first = rows[0]["reward"]  # sampled before any update: the starting policy
+    last = sum(r["reward"] for r in rows[-3:]) / 3
+    # 0.27 at the start (about a fifth of first tokens are capitalised), 0.75 at step 4, 1.0 by step 9 here
+    assert last > first + 0.4, (first, last)
+    trained = [r for r in rows if r["trained_seqs"] > 0]
+    assert len(trained) >= 4  # once every sample is right, groups are unanimous and nothing is trained
+    for r in rows:
+        assert 0.0 <= r["zero_var_frac"] <= 1.0 and r["trained_seqs"] == round(32 * (1 - r["zero_var_frac"]))
+        assert r["rollout_s"] > 0 and r["response_len"] <= 3
+    for r in trained:
+        assert r["ratio_mean"] == 1.0 and r["clip_frac"] == 0.0  # one update per batch: on-policy
+        assert r["sampler_gap"] < 1e-5  # fp32: the engine's log-probabilities are the trainer's
+        assert r["update_s"] > 0 and r["grad_norm"] > 0
+    evals = [r for r in rows if "pass@1" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert result["pass@1_before"] is not None and 0 <= result["pass@1"] <= 1
+
+
+def test_rl_resumes_bit_exactly(base_model, tmp_path, straight):
+    out = tmp_path / "run"
+    first = rl(_cfg(base_model, out), on_step=lambda step, *_: step == 5, live=False, plots=False)
+    assert first["stopped"] == "stopped by the caller" and find_checkpoint(out).name == "ckpt-000005"
+    resume_rl(str(out), live=False, plots=False)
+    keys = ("step", "tokens", "loss", "reward", "accuracy", "grad_norm", "zero_var_frac", "pass@1")
+    assert [{k: r.get(k) for k in keys} for r in read_metrics(out)] == [{k: r.get(k) for k in keys} for r in straight[1]]
+
+
+def test_several_updates_per_batch_move_the_ratio(base_model, tmp_path):
+    rl(_cfg(base_model, tmp_path / "run", max_steps=2, updates_per_batch=3, eval_every=0), live=False, plots=False)
+    for r in read_metrics(tmp_path / "run"):
+        # the logged ratio is the mean over the 3 updates: 1 exactly for the first, not for the others
+        assert abs(r["ratio_mean"] - 1.0) > 1e-4
+        assert r["clip_frac"] > 0
+
+
+def test_kl_to_the_starting_model(base_model, tmp_path):
+    rl(_cfg(base_model, tmp_path / "run", max_steps=3, beta=0.1, eval_every=0), live=False, plots=False)
+    rows = read_metrics(tmp_path / "run")
+    assert rows[0]["kl"] == 0.0  # the reference is the starting model: identical at the first step
+    assert rows[-1]["kl"] > 1e-4  # and the policy has moved away from it since
+
+
+def test_zero_variance_groups_are_counted_and_skipped(base_model, tmp_path):
+    rl(_cfg(base_model, tmp_path / "skip", task="constant", max_steps=2, eval_every=0), live=False, plots=False)
+    rows = read_metrics(tmp_path / "skip")
+    assert all(r["zero_var_frac"] == 1.0 and r["trained_seqs"] == 0 and r["loss"] == 0.0 for r in rows)
+    assert all("grad_norm" not in r for r in rows)  # no optimizer step was taken
+    before = seekling.load(base_model).state_dict()
+    after = seekling.load(tmp_path / "skip" / "model").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    rl(_cfg(base_model, tmp_path / "keep", task="constant", max_steps=2, eval_every=0,
+            skip_zero_variance_groups=False), live=False, plots=False)
+    rows = read_metrics(tmp_path / "keep")
+    assert all(r["trained_seqs"] == 32 and r["loss"] == 0.0 and r["grad_norm"] == 0.0 for r in rows)
+
+
+def test_rollout_batches_hold_what_the_engine_sampled(base_model, one_thread):
+    model, tok = seekling.load(base_model), load_default_tokenizer()
+    task = CapitalTask()
+    problems = task.problems("train", 3, seed=0)
+    engine = Engine(model, EngineConfig(max_seqs=8))
+    spec = SamplingSpec(group_size=4, max_tokens=5)
+    ro = sample_groups(engine, tok, task, problems, spec, seed=1, step=7)
+    again = sample_groups(engine, tok, task, problems, spec, seed=1, step=7)
+    assert [o.output_ids for o in ro.outputs] == [o.output_ids for o in again.outputs]  # seeded per completion
+    assert len({tuple(o.output_ids) for o in ro.outputs}) > 6  # and the seeds differ across the group
+    assert ro.rewards.shape == (3, 4)
+    adv, _ = group_advantages(ro.rewards)
+    keep = [0, 1, 2, 3, 8, 9, 10, 11]  # problems 0 and 2
+    batches = micro_batches(ro, adv.flatten(), keep, size=5, pad_id=tok.pad_id)
+    assert [b["input_ids"].shape[0] for b in batches] == [5, 3]
+    rows = [(b, r) for b in batches for r in range(b["input_ids"].shape[0])]
+    for (b, r), i in zip(rows, keep):
+        prompt, out = ro.prompts[i // 4], ro.outputs[i]
+        n, m = len(prompt), len(out.output_ids)
+        assert b["input_ids"][r, :n].tolist() == prompt and b["input_ids"][r, n:n + m].tolist() == out.output_ids
+        assert b["input_ids"][r, n + m:].eq(tok.pad_id).all()
+        assert b["completion_mask"][r].nonzero().flatten().tolist() == list(range(n, n + m))
+        assert b["sampler_logp"][r, n:n + m].tolist() == pytest.approx(out.logprobs, abs=0)
+        assert b["advantages"][r] == adv.flatten()[i]
+    shared = share_step_tokens(batches)
+    assert shared[0]["sequences_in_step"] == 8 and shared[0]["micro_batches_in_step"] == 2
+    seeds = {completion_seed(s, st, p, g, 8) for s in range(2) for st in range(3) for p in range(4) for g in range(8)}
+    assert len(seeds) == 2 * 3 * 4 * 8
+
+
+def test_rl_command_and_errors(base_model, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["rl", "--task", "capital", "--from", str(base_model), "--out", str(out), "--steps", "2",
+                 "--warmup", "0", "--prompts", "2", "--group-size", "4", "--max-tokens", "3", "--eval-problems", "4",
+                 "--dtype", "float32", "--loss-type", "grpo", "--updates", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out pass@1 before GRPO" in printed and "grpo loss, 2 update(s)" in printed
+    assert (out / "reward.png").is_file() and find_checkpoint(out) is not None
+    assert main(["rl", "--resume", str(out)]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert main(["rl", "--task", "capital", "--from", "tiny", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "seekling sft" in err and "never write" in err  # a preset: says to run SFT first
+    assert main(["rl", "--task", "capital"]) == 2
+    assert "--from" in capsys.readouterr().err
+    for changes, field in [({"group_size": 1}, "group_size"), ({"loss_type": "ppo"}, "loss_type"),
+                           ({"temperature": 0.0}, "temperature"), ({"task": "chess"}, "task"), ({"top_p": 0}, "top_p")]:
+        with pytest.raises(ValueError, match=field):
+            RLConfig(**changes)
