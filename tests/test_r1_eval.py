@@ -58,12 +58,27 @@ def test_report_counts_what_check_says(monkeypatch, one_thread):
     report = evaluate(_model(), load_default_tokenizer(), task, cfg, progress=False)
     assert len(seen) == 6 * (1 + 3)  # a greedy and 3 samples per problem
     assert report["pass@1"] == pytest.approx(0.5) and report["pass@2"] == pytest.approx(0.5)
+    assert report["sample_accuracy"] == pytest.approx(0.5)
     assert report["reasons"] == {"correct": 12, "missing_think": 12}
     assert [r["id"] for r in report["records"]] == [p.id for p in problems]
     assert report["records"][0]["samples_correct"] == 3 and report["records"][1]["samples_correct"] == 0
     again = evaluate(_model(), load_default_tokenizer(), task, cfg, progress=False)
     assert seen[:24] == seen[24:]  # seeded: the same completions again
     assert again["pass@1"] == report["pass@1"]
+
+
+def test_sampled_pass_at_1_does_not_overwrite_the_greedy_one(monkeypatch, one_thread):
+    task = get_task("addition", digits=2)
+    calls = []
+
+    def check(self, problem, text):  # the greedy completions are generated (and scored) first
+        calls.append(problem.id)
+        return Score(reason=Reason.CORRECT if len(calls) <= 4 else Reason.WRONG)
+
+    monkeypatch.setattr(type(task), "check", check)
+    report = evaluate(_model(), load_default_tokenizer(), task,
+                      EvalConfig(problems=4, k=1, samples=2, max_tokens=2, batch=4), progress=False)
+    assert report["pass@1"] == 1.0 and report["pass@1_sampled"] == 0.0 and report["sample_accuracy"] == 0.0
 
 
 def test_eval_command_writes_json(tmp_path, capsys, one_thread):

@@ -210,3 +210,25 @@ def test_rl_command_and_errors(base_model, tmp_path, capsys):
                            ({"temperature": 0.0}, "temperature"), ({"task": "chess"}, "task"), ({"top_p": 0}, "top_p")]:
         with pytest.raises(ValueError, match=field):
             RLConfig(**changes)
+
+
+def test_recipe_runs_its_stages_and_keeps_finished_ones(base_model, tmp_path, capsys):
+    from seekling.r1.recipe import run_recipe
+
+    small_sft = dict(max_steps=3, batch_size=4, examples=16, warmup_steps=1, eval_every=3, eval_problems=2,
+                     eval_max_tokens=8, ckpt_every=3)
+    small_rl = dict(max_steps=2, prompts_per_step=2, group_size=2, max_tokens=8, warmup_steps=0, eval_every=2,
+                    eval_problems=2, ckpt_every=2, problems=8)
+    figures = run_recipe(str(tmp_path / "r1"), base=str(base_model), sft_changes=small_sft | {"dtype": "float32"},
+                         rl_changes=small_rl | {"dtype": "float32"}, final_problems=4, live=False)
+    assert figures["rl_finished"] and figures["problems"] == 4
+    assert figures["gain_points"] == pytest.approx(100 * (figures["pass@1_rl"] - figures["pass@1_sft"]), abs=0.051)
+    assert (tmp_path / "r1" / "r1.png").is_file() and (tmp_path / "r1" / "r1.json").is_file()
+    assert [r["step"] for r in read_metrics(tmp_path / "r1" / "rl")] == [1, 2]
+    capsys.readouterr()
+    run_recipe(str(tmp_path / "r1"), base=str(base_model), sft_changes=small_sft, rl_changes=small_rl,
+               final_problems=4, live=False)
+    printed = capsys.readouterr().out
+    assert "[sft]" in printed and "[rl]" in printed and printed.count("is finished; keeping it") == 2
+    with pytest.raises(FileNotFoundError, match="--base"):
+        run_recipe(str(tmp_path / "r2"), base=str(tmp_path / "nothing"))

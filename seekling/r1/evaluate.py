@@ -127,10 +127,18 @@ def evaluate(model, tokenizer, task: Task, config: EvalConfig | None = None, *, 
         "config": asdict(cfg),
     }
     if cfg.k:
-        report[f"pass@{cfg.k}"] = sum(pass_at_k(n, c, cfg.k) for c in correct_sampled) / len(problems)
+        report[sampled_key(cfg.k)] = sum(pass_at_k(n, c, cfg.k) for c in correct_sampled) / len(problems)
+        # The fraction of samples that are correct: pass@1 as DeepSeek-R1 reports it (estimated from
+        # n samples at a non-zero temperature, not greedy), beside the greedy pass@1 above.
+        report["sample_accuracy"] = sum(correct_sampled) / (n * len(problems))
         report["samples_per_problem"] = n
     report["records"] = records
     return report
+
+
+def sampled_key(k: int) -> str:
+    """The report key of the sampled pass@k; for k = 1 it must not overwrite the greedy "pass@1"."""
+    return "pass@1_sampled" if k == 1 else f"pass@{k}"
 
 
 def parse_knobs(pairs: list[str] | None) -> dict:
@@ -157,7 +165,8 @@ def eval_command(task: str, model_dir: str, *, knobs: list[str] | None = None, o
     write_json_atomic(path, report)  # never a half-written report
     summary = f"{task} ({report['problems']} held-out problems): pass@1 {report['pass@1']:.1%}"
     if cfg.k:
-        summary += f", pass@{cfg.k} {report[f'pass@{cfg.k}']:.1%} ({report['samples_per_problem']} samples each)"
+        summary += (f", pass@{cfg.k} {report[sampled_key(cfg.k)]:.1%} and sample accuracy {report['sample_accuracy']:.1%} "
+                    f"({report['samples_per_problem']} samples each at temperature {cfg.temperature:g})")
     top = ", ".join(f"{r} {n}" for r, n in list(report["reasons"].items())[:4])
     print(f"{summary}; completions: {top}; report in {path}")
     return report

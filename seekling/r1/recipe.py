@@ -1,0 +1,122 @@
+"""`seekling r1`: the whole R1 recipe in one command: a base model, cold-start SFT, then GRPO.
+
+    seekling r1                         # about 40 minutes on a 2-core laptop CPU; runs/r1/r1.png
+    seekling r1 --base runs/demo/model  # reuse a pretrained base instead of pretraining one
+
+Stages, each an ordinary run directory under --out that its own command can resume or inspect:
+  base/  `seekling demo`'s pretraining of the tiny preset on the embedded corpus (skipped with --base);
+  sft/   `seekling sft` on the task's worked solutions: the model learns the <think> format and the
+         column method, imperfectly (the point of the next stage);
+  rl/    `seekling rl`: GRPO on the same task's training problems, held-out pass@1 every few steps.
+Then the held-out pass@1 of the SFT model and of the GRPO model, on the same problems with the same
+greedy decoding, and `r1.png`: held-out pass@1 over the SFT steps, then training reward, accuracy
+and held-out pass@1 over the GRPO steps.
+
+The default task is 2-digit addition and subtraction: the tiny model reaches about half of the
+held-out problems after SFT, and samples right about as often, so most GRPO groups mix right and
+wrong answers and carry signal. Re-running continues where it stopped: a finished stage is kept,
+an interrupted one resumes from its checkpoint. A total time limit keeps the promise on a slower
+machine: GRPO stops cleanly (and resumably) when the budget is spent.
+Left out: choosing hyperparameters per machine; the stage settings are fixed so that the result is
+the same on every machine, only the time differs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from seekling.r1.evaluate import EvalConfig, evaluate
+from seekling.r1.plots import plot_rl
+from seekling.r1.rl import RL_CONFIG, RLConfig, resume_rl, rl
+from seekling.r1.sft import SFT_CONFIG, SFTConfig, resume_sft, sft
+from seekling.r1.tasks import get_task
+from seekling.terminal import load_model_dir
+from seekling.train import state as run_state
+from seekling.train.progress import fmt_duration
+
+TASK, KNOBS = "addition", {"digits": 2}
+# SFT: 600 steps of 16 worked solutions (about 6 minutes on 2 cores) takes the tiny model to ~50%.
+SFT_SETTINGS = dict(max_steps=600, batch_size=16, lr=1e-3, eval_every=200, eval_problems=100, ckpt_every=200)
+# GRPO: 16 prompts x 8 completions per step, dapo loss with clip-higher, 1e-4 (a tenth of SFT's lr).
+RL_SETTINGS = dict(max_steps=240, prompts_per_step=16, group_size=8, max_tokens=128, lr=1e-4, warmup_steps=5,
+                   eval_every=40, eval_problems=200, ckpt_every=20)
+FINAL_PROBLEMS = 200  # held-out problems in the before/after comparison
+DEFAULT_BUDGET_S = 45 * 60
+
+
+def _stage_done(run_dir: Path) -> bool:
+    ckpt = run_state.find_checkpoint(run_dir)
+    return ckpt is not None and bool((run_state.read_state(ckpt) or {}).get("finished"))
+
+
+def _run_stage(name: str, run_dir: Path, config_name: str, start, resume) -> None:
+    if _stage_done(run_dir):
+        print(f"[{name}] {run_dir} is finished; keeping it")
+    elif (run_dir / config_name).is_file():
+        print(f"[{name}] resuming {run_dir}")
+        resume(str(run_dir))
+    else:
+        start()
+
+
+def run_recipe(out_dir: str = "runs/r1", base: str | None = None, time_budget_s: float = DEFAULT_BUDGET_S,
+               seed: int = 0, live: bool | None = None, *, sft_changes: dict | None = None,
+               rl_changes: dict | None = None, final_problems: int = FINAL_PROBLEMS) -> dict:
+    """Base (pretrained or reused) -> SFT -> GRPO -> held-out comparison and plot; returns the figures.
+
+    `sft_changes` / `rl_changes` override the stage settings (the tests run the recipe small)."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if base is None:
+        base_dir = out / "base"
+        if not _stage_done(base_dir):
+            from seekling.train.demo import run_demo  # pretraining pulls in the corpus: only when needed
+
+            print("[base] pretraining the tiny preset on the embedded corpus (about 5 minutes)")
+            result = run_demo(out_dir=str(base_dir), time_budget_s=300.0, live=live)
+            if result.get("stopped") and "time limit" not in result["stopped"]:
+                return result
+        base_model = base_dir / run_state.MODEL_DIR
+    else:
+        base_model = Path(base)
+        if not (base_model / "config.json").is_file():
+            raise FileNotFoundError(f"--base {base}: no config.json there; pass a checkpoint directory such as "
+                                    "runs/demo/model (written by `seekling demo`)")
+        print(f"[base] reusing {base_model}")
+
+    sft_dir, rl_dir = out / "sft", out / "rl"
+    sft_cfg = SFTConfig(task=TASK, knobs=KNOBS, init=str(base_model), out_dir=str(sft_dir), seed=seed,
+                        **(SFT_SETTINGS | (sft_changes or {})))
+    _run_stage("sft", sft_dir, SFT_CONFIG, lambda: sft(sft_cfg, live=live), lambda d: resume_sft(d, live=live))
+    if not _stage_done(sft_dir):
+        return {"stopped": "sft did not finish", "run_dir": str(out)}
+
+    left = time_budget_s - (time.perf_counter() - t0) - 90  # the final evaluations and the plot
+    rl_cfg = RLConfig(task=TASK, knobs=KNOBS, init=str(sft_dir / run_state.MODEL_DIR), out_dir=str(rl_dir),
+                      seed=seed, time_limit_s=max(60.0, left), **(RL_SETTINGS | (rl_changes or {})))
+    _run_stage("rl", rl_dir, RL_CONFIG, lambda: rl(rl_cfg, live=live), lambda d: resume_rl(d, live=live))
+
+    task = get_task(TASK, **KNOBS)
+    figures = {}
+    for stage, run_dir in (("sft", sft_dir), ("rl", rl_dir)):
+        model, tok = load_model_dir(str(run_dir / run_state.MODEL_DIR))
+        report = evaluate(model, tok, task, EvalConfig(problems=final_problems, k=0, max_tokens=rl_cfg.max_tokens,
+                                                       seed=seed), progress=False)
+        figures[f"pass@1_{stage}"] = report["pass@1"]
+    png = plot_rl(rl_dir, sft_dir=sft_dir, out=out / "r1.png")
+    gain = figures["pass@1_rl"] - figures["pass@1_sft"]
+    figures |= {"problems": final_problems, "gain_points": round(100 * gain, 1), "rl_finished": _stage_done(rl_dir),
+                "wall_s": time.perf_counter() - t0, "plot": str(png)}
+    run_state.write_json_atomic(out / "r1.json", figures)
+    print(f"\nr1 recipe {'finished' if figures['rl_finished'] else 'stopped (run `seekling r1` again to continue)'} "
+          f"in {fmt_duration(figures['wall_s'])} this session.\n"
+          f"held-out pass@1 on {final_problems} problems of {TASK} {json.dumps(KNOBS)}: "
+          f"after SFT {figures['pass@1_sft']:.1%}, after GRPO {figures['pass@1_rl']:.1%} ({gain * 100:+.1f} points)\n"
+          f"plot: {png}; figures: {out / 'r1.json'}\n"
+          f"next:\n  seekling chat --model {rl_dir / run_state.MODEL_DIR}\n"
+          f"  seekling serve --model {rl_dir / run_state.MODEL_DIR}\n"
+          f"  seekling eval --task {TASK} --knob digits={KNOBS['digits']} --model {rl_dir / run_state.MODEL_DIR}")
+    return figures
