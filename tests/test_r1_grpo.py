@@ -350,3 +350,25 @@ def test_engine_logprobs_equal_the_trainers_before_and_after_a_step():
     with torch.no_grad():
         trainer_lp2 = token_logprobs(model, ids2, mask2)
     torch.testing.assert_close(trainer_lp2, engine_lp2, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_without_old_logp_the_first_update_is_on_policy(loss_type):
+    # No old_logp: the loss takes the trainer's own log-probabilities, detached, as the sampling
+    # policy's. The gradient must equal the one with old_logp computed beforehand by token_logprobs.
+    model = _model()
+    batch = _rollout_batch([5, 9, 3, 12])
+    cfg = GRPOConfig(loss_type=loss_type)
+    with torch.no_grad():
+        old = token_logprobs(model, batch["input_ids"], batch["completion_mask"])
+    detached = _step_grads(model, [batch], cfg)
+    explicit = _step_grads(model, [batch | {"old_logp": old}], cfg)
+    assert sum(g is not None for g in detached) > 10
+    for a, b in zip(detached, explicit):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+    # sampler_logp is compared, never used: a wrong one changes the logged gap, not the gradient
+    noisy = _step_grads(model, [batch | {"sampler_logp": old + 0.5}], cfg)
+    for a, b in zip(detached, noisy):
+        if a is not None:
+            assert torch.equal(a, b)

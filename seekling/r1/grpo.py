@@ -15,10 +15,10 @@ aggregated by `loss_type`:
     dapo     sum over every token / the step's completion tokens (DAPO section 3.3: token-level)
     dr_grpo  sum over every token / (sequences * max_completion_len) (Dr. GRPO, Liu et al. 2025: a constant)
 
-`old_logp` is what the engine reported while sampling (`RequestOutput.logprobs`: fp32 log-softmax
-of the raw logits), so the first update on a rollout batch has ratio 1 only as far as engine and
-trainer agree; `token_logprobs` computes the trainer's side the same way, and the tests pin the two
-within 1e-5 in fp32.
+`old_logp` is the log-probability under the weights that sampled the batch, computed by the trainer
+(`token_logprobs`, or the current forward detached on a batch's first update; see grpo_loss_fn).
+The engine reports the same quantity while sampling (`RequestOutput.logprobs`: fp32 log-softmax of
+the raw logits); the tests pin the two within 1e-5 in fp32, and the driver logs their gap.
 
 Left out, on purpose: rollouts, rewards and the driver loop (the caller owns them: this file is the
 loss only); a value model (GRPO's point is that the group mean replaces it); entropy bonuses and
@@ -207,13 +207,16 @@ def grpo_loss_fn(cfg: GRPOConfig) -> LossFn:
 
     A batch is a dict: input_ids (B, T), completion_mask (B, T), advantages (B,), and optionally
     old_logp (B, T), ref_logp (B, T), sampler_logp (B, T) and the step's counts from `share_step_tokens`.
-    Without old_logp the batch is taken as sampled by the weights being updated (the first of its
-    updates): old_logp is then the trainer's own log-probability, detached, which makes the ratio
-    exactly 1 with no extra forward pass, in any compute dtype. sampler_logp (what the engine
-    reported) is compared, not used: the stat sampler_gap is the mean |trainer - sampler|
-    log-probability, the train/inference mismatch that bf16 autocast or a different kernel brings. Without them each
-    micro-batch normalises by its own tokens (dapo) or sequences (grpo, dr_grpo): exact for a single
-    micro-batch, and for grpo and dr_grpo whenever the micro-batches hold equal numbers of sequences.
+    - Without old_logp the batch is taken as sampled by the weights being updated (the first of its
+      updates): old_logp is then the trainer's own log-probability, detached, which makes the ratio
+      exactly 1 with no extra forward pass, in any compute dtype.
+    - sampler_logp (what the engine reported) is compared, not used: the stat sampler_gap is the
+      mean |trainer - sampler| log-probability, the train/inference mismatch that bf16 autocast or
+      a different kernel brings (the engine reports raw-logit log-probabilities, so at a temperature
+      other than 1 the gap also holds the temperature's effect).
+    - Without the step's counts each micro-batch normalises by its own tokens (dapo) or sequences
+      (grpo, dr_grpo): exact for a single micro-batch, and for grpo and dr_grpo whenever the
+      micro-batches hold equal numbers of sequences.
     """
 
     def loss_fn(model, batch, trace):
