@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check on a CUDA machine (issue 11): the engine and trainer tests with their models
 # on the GPU (SEEKLING_TEST_DEVICE=cuda, read by the `device` fixture in tests/conftest.py), then
-# the training and decode benchmarks in bf16, and one table of it all. About 10 minutes on an
+# the training and decode benchmarks in bf16, a single-GPU bf16 training run of the gpu_1b preset
+# (scripts/train_step_check.py: tokens/s, MFU, peak memory), and one table of it all. About 10 minutes on an
 # H200: each part has its own time limit (below) and a part that overruns is cut and reported.
 #
 #   scripts/gpu_check.sh                  # the table goes to stdout and, with logs, to $OUT (else a temp dir)
@@ -21,6 +22,8 @@ T_ENGINE=${T_ENGINE:-180}
 T_TRAIN=${T_TRAIN:-120}
 T_BENCH_TRAIN=${T_BENCH_TRAIN:-90}
 T_BENCH_DECODE=${T_BENCH_DECODE:-200}  # each cell is a fresh process that compiles (from Inductor's cache after the first)
+T_TRAIN_1B=${T_TRAIN_1B:-150}  # gpu_1b at 8x2048 tokens per step: model build, 2 warm-up and 6 timed steps
+TRAIN_1B_ARGS=${TRAIN_1B_ARGS:-"--preset gpu_1b --batch 8 --seq 2048 --steps 6"}
 
 ENGINE_TESTS=${ENGINE_TESTS:-"tests/test_engine_device.py tests/test_engine.py tests/test_engine_compiled.py tests/test_spec.py tests/test_sampling.py"}
 TRAIN_TESTS=${TRAIN_TESTS:-"tests/test_train.py tests/test_train_core.py tests/test_resume.py"}
@@ -87,6 +90,10 @@ fi
 part bench_train "$T_BENCH_TRAIN" "$PY" bench/bench_train.py --device "$DEV" --dtype bfloat16 --preset small
 part bench_decode "$T_BENCH_DECODE" "$PY" bench/bench_decode.py --device "$DEV" --dtype bfloat16 --batches 1,32 \
     --contexts 512 --new-tokens 32 --spec 1 --json "$OUT_DIR/bench_decode.json"
+
+# shellcheck disable=SC2086  # word splitting of the arguments is intended
+part train_1b "$T_TRAIN_1B" "$PY" scripts/train_step_check.py --device "$DEV" --dtype bfloat16 $TRAIN_1B_ARGS \
+    --json "$OUT_DIR/train_1b.json"
 
 "$PY" - "$STEPS" "$OUT_DIR" "$TRAIN_TESTS" <<'EOF'
 """Everything above in one markdown table, printed and written to gpu_check.md."""
@@ -158,6 +165,16 @@ for c in report["speculative"]:
     rows.append((f"bench_decode MTP k={c['draft_tokens']} batch {c['batch']}", f"speculative {fmt(q)}",
                  f"plain eager {fmt(p)}, compiled {fmt(c['compiled_plain'])}{acc}"))
 rows.append(("bench_decode", v, f"{s} s"))
+
+v, s = verdict("train_1b")
+path = os.path.join(out_dir, "train_1b.json")
+if os.path.exists(path):
+    r = json.load(open(path))
+    spec = f", {r['mfu_vs_spec']:.1%} of the data-sheet bf16 peak" if "mfu_vs_spec" in r else ""
+    rows.append((f"train {r['preset']} bf16, one device, {r['micro_batch'][0]}x{r['micro_batch'][1]} tokens/step",
+                 f"{r['tok_s']:,.0f} tok/s", f"MFU {r['mfu']:.1%} of the measured {r['peak_tflops']} TFLOP/s{spec}; "
+                 f"peak memory {r['peak_mem_gib']} GiB; {r['ms_per_step']} ms/step"))
+rows.append(("train_1b", v, f"{s} s"))
 
 table = ["| check | result | detail |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
 print("\n" + "\n".join(table))

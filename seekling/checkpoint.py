@@ -5,6 +5,15 @@ writes) and `model.safetensors`, or numbered shards plus `model.safetensors.inde
 size threshold. Tensor names are transformers' (and DeepSeek's), one set of keys per routed expert.
 MTP depth k is stored as `model.layers.{num_hidden_layers + k - 1}.*`, as DeepSeek-V3 releases do.
 
+A model with mHC (hc_mult > 1, model/mhc.py) is not a DeepSeek-V3 model, so its config.json says
+model_type "seekling_mhc" (with hc_mult, hc_sinkhorn_iters, hc_eps) and every loader that expects
+deepseek_v3 refuses it by name. Its extra tensors use DeepSeek-V4's names, kept in fp32 as V4 keeps
+them: `model.layers.N.attn_hc.{fn,base,scale}`, `model.layers.N.ffn_hc.*`,
+`model.hc_head.{hc_fn,hc_base,hc_scale}`, and for MTP depth k its own
+`model.layers.{num_hidden_layers + k - 1}.hc_head.*`. The checkpoint also carries transformers code
+for itself (seekling/hf_remote/, named by config.json's auto_map), so transformers loads it with
+trust_remote_code=True and refuses it without. With hc_mult = 1 nothing of this is written.
+
 All renaming between our module names (DeepSeek's reference vocabulary) and the Hugging Face names
 lives in the two tables below. Only safetensors are read: nothing is ever unpickled.
 Left out: FP8 block-quantized checkpoints (DeepSeek's own release) - dequantize them first.
@@ -80,17 +89,30 @@ BLOCK_KEY_MAP = {
     # stacked experts: split into mlp.experts.{e}.{gate,up,down}_proj.weight by _expert_keys
     "ffn.experts.w13": None,
     "ffn.experts.w2": None,
+    # mHC (hc_mult > 1): DeepSeek-V4's names, which are ours too
+    **{f"{site}_hc.{p}": f"{site}_hc.{p}" for site in ("attn", "ffn") for p in ("fn", "base", "scale")},
 }
+_HC_HEAD = {f"hc_head.{p}": f"hc_head.{p}" for p in ("hc_fn", "hc_base", "hc_scale")}
 MTP_KEY_MAP = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
-               "eh_proj.weight": "eh_proj.weight", "norm.weight": "shared_head.norm.weight"}
+               "eh_proj.weight": "eh_proj.weight", "norm.weight": "shared_head.norm.weight", **_HC_HEAD}
 TOP_KEY_MAP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-               "head.weight": "lm_head.weight"}
+               "head.weight": "lm_head.weight", **{k: f"model.{v}" for k, v in _HC_HEAD.items()}}
 # DeepSeek's MTP layers also carry copies of the shared embedding and head; written for vLLM/SGLang.
 MTP_SHARED_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
 
 # Fields where null in config.json means None, not "use our default" (transformers writes null
 # for a model without them; its DeepseekV3Config defaults, 0 and 1, apply only when the key is absent).
 _NULLABLE_IDS = ("bos_token_id", "eos_token_id")
+
+MHC_MODEL_TYPE = "seekling_mhc"
+MHC_FIELDS = ("hc_mult", "hc_sinkhorn_iters", "hc_eps")  # same names in config.json as in ModelConfig
+# transformers' code for mHC checkpoints (seekling/hf_remote/), copied into each one; config.json's
+# auto_map points AutoConfig / AutoModel(ForCausalLM) at it, for trust_remote_code=True.
+REMOTE_CODE = Path(__file__).parent / "hf_remote"
+REMOTE_CODE_FILES = ("configuration_seekling_mhc.py", "modeling_seekling_mhc.py")
+_AUTO_MAP = {"AutoConfig": "configuration_seekling_mhc.SeeklingMHCConfig",
+             "AutoModel": "modeling_seekling_mhc.SeeklingMHCModel",
+             "AutoModelForCausalLM": "modeling_seekling_mhc.SeeklingMHCForCausalLM"}
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -101,6 +123,9 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     d = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+    if cfg.has_mhc:
+        d = {"architectures": ["SeeklingMHCForCausalLM"], "model_type": MHC_MODEL_TYPE, "auto_map": dict(_AUTO_MAP)}
+        d.update({f: getattr(cfg, f) for f in MHC_FIELDS})
     for ours, theirs in CONFIG_MAP.items():
         d[theirs] = getattr(cfg, ours)
     d.update(
@@ -125,8 +150,17 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     def bad(field, msg):
         raise ValueError(f"{source}: {field} {msg}")
 
-    if d.get("model_type") != "deepseek_v3":
-        bad("model_type", f"is {d.get('model_type')!r}; seekling loads DeepSeek-V3-layout checkpoints (model_type 'deepseek_v3')")
+    model_type = d.get("model_type")
+    if model_type not in ("deepseek_v3", MHC_MODEL_TYPE):
+        bad("model_type", f"is {model_type!r}; seekling loads DeepSeek-V3-layout checkpoints (model_type 'deepseek_v3') "
+            f"and its own mHC variant of them ('{MHC_MODEL_TYPE}')"
+            + ("; DeepSeek-V4's compressed and hash-routed attention is not implemented here" if model_type == "deepseek_v4" else ""))
+    if model_type == "deepseek_v3" and d.get("hc_mult", 1) != 1:
+        bad("hc_mult", f"is {d['hc_mult']!r} but model_type is 'deepseek_v3', which has no hyper-connections; "
+            f"an mHC checkpoint says model_type '{MHC_MODEL_TYPE}' (re-save it with seekling.save)")
+    if model_type == MHC_MODEL_TYPE and not (isinstance(d.get("hc_mult"), int) and d["hc_mult"] > 1):
+        bad("hc_mult", f"is {d.get('hc_mult')!r}; model_type '{MHC_MODEL_TYPE}' needs hc_mult > 1 (the number of "
+            "residual streams); a model without mHC says model_type 'deepseek_v3'")
     if d.get("quantization_config"):
         bad("quantization_config", "is set: quantized (e.g. FP8) checkpoints are not supported; dequantize to bf16 first")
     checks = {"hidden_act": ("silu",), "scoring_func": (None, "sigmoid"), "topk_method": (None, "noaux_tc"),
@@ -142,6 +176,8 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
             kwargs[ours] = d[theirs]
     for key in ("n_expert_groups", "n_limited_groups"):
         kwargs.setdefault(key, 1)
+    if model_type == MHC_MODEL_TYPE:
+        kwargs.update({f: d[f] for f in MHC_FIELDS if d.get(f) is not None})
     kwargs.update(_rope_from_hf(d, source))
     try:
         return ModelConfig(**kwargs)
@@ -213,8 +249,8 @@ def hf_key_map(cfg: ModelConfig, model_keys) -> dict[str, str]:
             out[f"model.layers.{m[1]}.{BLOCK_KEY_MAP[m[2]]}"] = name
         elif (m := re.fullmatch(r"mtp\.(\d+)\.block\.(.+)", name)) and BLOCK_KEY_MAP.get(m[2]):
             out[f"model.layers.{L + int(m[1])}.{BLOCK_KEY_MAP[m[2]]}"] = name
-        elif m := re.fullmatch(r"mtp\.(\d+)\.(enorm|hnorm|eh_proj|norm)\.weight", name):
-            out[f"model.layers.{L + int(m[1])}.{MTP_KEY_MAP[m[2] + '.weight']}"] = name
+        elif (m := re.fullmatch(r"mtp\.(\d+)\.(.+)", name)) and m[2] in MTP_KEY_MAP:
+            out[f"model.layers.{L + int(m[1])}.{MTP_KEY_MAP[m[2]]}"] = name
     assert inv_block  # the table is not empty
     return out
 
@@ -237,7 +273,7 @@ def save(model, path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.d
     path.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state_dict(model)
     if dtype is not None:
-        tensors = {k: (v if k.endswith("e_score_correction_bias") else v.to(dtype)) for k, v in tensors.items()}
+        tensors = {k: (v if keeps_fp32(k) else v.to(dtype)) for k, v in tensors.items()}
     # safetensors wants contiguous tensors that own no shared storage.
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
     weight_dtype = next(v.dtype for k, v in tensors.items() if k.endswith("embed_tokens.weight"))
@@ -274,6 +310,9 @@ def save(model, path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.d
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos if len(eos) > 1 else (eos[0] if eos else None),
            "do_sample": False}
     _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2))
+    if cfg.has_mhc:
+        for name in REMOTE_CODE_FILES:
+            _atomic_write_text(path / name, (REMOTE_CODE / name).read_text().rstrip("\n"))
     _atomic_write_text(path / "config.json", json.dumps(config_to_hf(cfg, weight_dtype), indent=2, sort_keys=True))
     for stale in old_files - set(written):  # weights of an earlier save with a different layout
         (path / stale).unlink(missing_ok=True)
@@ -378,14 +417,33 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
         cfg = cfg.replace(n_mtp_layers=0)
     with torch.device("meta"):
         model = Transformer(cfg)
+    _check_mhc_tensors(hf, cfg, path)
     ours = from_hf_state_dict(hf, cfg, model.state_dict(), str(path))
     if dtype is None:
         dtype = ours["embed.weight"].dtype
-    ours = {k: (v.float() if k.endswith("e_score_correction_bias") else v.to(dtype)) for k, v in ours.items()}
+    ours = {k: (v.float() if keeps_fp32(k) else v.to(dtype)) for k, v in ours.items()}
     model.load_state_dict(ours, assign=True)
     # The rope buffer is not in the checkpoint (non-persistent) and was built on the meta device.
     model.rope.inv_freq = rope_inv_freq(cfg)[0]
     return model.to(device).eval()
+
+
+def keeps_fp32(name: str) -> bool:
+    """Tensors that stay fp32 in a bf16 model or checkpoint: the balance bias, and mHC's mixing
+    parameters (DeepSeek-V4 keeps them fp32: bf16 would round the Sinkhorn inputs)."""
+    return name.endswith("e_score_correction_bias") or bool(re.search(r"(_hc\.(fn|base|scale)|hc_head\.\w+)$", name))
+
+
+def _check_mhc_tensors(hf: dict, cfg: ModelConfig, path) -> None:
+    """Name the mismatch when mHC weights meet a plain config or the reverse (a hand-edited config.json)."""
+    has_hc = any(re.search(r"\.(attn_hc|ffn_hc|hc_head)\.", k) for k in hf)
+    if has_hc and not cfg.has_mhc:
+        raise ValueError(f"{path}: the weights hold mHC tensors (attn_hc / ffn_hc / hc_head) but config.json describes a "
+                         f"plain DeepSeek-V3 model; an mHC checkpoint says model_type '{MHC_MODEL_TYPE}' with its hc_mult: "
+                         "restore the config.json that was saved with these weights")
+    if cfg.has_mhc and not has_hc:
+        raise ValueError(f"{path}: config.json says model_type '{MHC_MODEL_TYPE}' with hc_mult {cfg.hc_mult} but the weights "
+                         "hold no mHC tensors (attn_hc / ffn_hc / hc_head); config.json and the safetensors files do not match")
 
 
 def from_hf_state_dict(hf: dict, cfg: ModelConfig, expected: dict, source: str) -> dict:

@@ -90,13 +90,14 @@ def cmd_train(args) -> None:
     from seekling.train.commands import resume_command, train_command
 
     if args.resume:
-        resume_command(args.resume)
+        resume_command(args.resume, dp=args.dp, ep=args.ep)
         return
     train_command(args.preset, out_dir=args.out, data=args.data, max_steps=args.steps, token_budget=args.tokens,
                   batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
                   schedule=args.schedule, warmup_steps=args.warmup, dtype=args.dtype, compile=args.compile,
                   seed=args.seed, eval_every=args.eval_every, ckpt_every=args.ckpt_every, mtp_lambda=args.mtp_lambda,
-                  seq_aux_alpha=args.seq_aux_alpha, bias_update_gamma=args.bias_gamma, time_limit_s=args.time_limit)
+                  seq_aux_alpha=args.seq_aux_alpha, bias_update_gamma=args.bias_gamma, time_limit_s=args.time_limit,
+                  dp=args.dp, ep=args.ep)
 
 
 def cmd_demo(args) -> None:
@@ -154,6 +155,12 @@ def cmd_rl(args) -> None:
                  skip_zero_variance_groups=False if args.keep_zero_variance else None,
                  compile_rollouts=True if args.compile else None)
     rl(RLConfig(**{k: v for k, v in given.items() if v is not None}))
+
+
+def cmd_r1(args) -> None:
+    from seekling.r1.recipe import run_recipe
+
+    run_recipe(args.out, base=args.base, time_budget_s=args.minutes * 60, seed=args.seed)
 
 
 def cmd_eval(args) -> None:
@@ -230,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--mtp-lambda", type=float, default=None, help="MTP loss weight (DeepSeek-V3: 0.3)")
     tr.add_argument("--seq-aux-alpha", type=float, default=None, help="sequence-wise balance loss weight (0 = off)")
     tr.add_argument("--bias-gamma", type=float, default=None, help="aux-loss-free bias update speed (preset default: 1e-2 for tiny/small, 1e-3 for GPU sizes)")
+    tr.add_argument("--dp", type=int, default=None,
+                    help="data-parallel size under torchrun (default: the world size; must equal it)")
+    tr.add_argument("--ep", type=int, default=1,
+                    help="expert-parallel size under torchrun: routed experts split over this many ranks (default 1)")
     tr.set_defaults(func=cmd_train)
 
     plot = sub.add_parser("plot", help="draw a run's loss, learning-rate, throughput and expert-load PNGs")
@@ -312,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"])
     r.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop cleanly (resumable) after this long")
     r.set_defaults(func=cmd_rl)
+    r1 = sub.add_parser("r1", help="the R1 recipe: pretrain (or reuse) a base, SFT, then GRPO on 2-digit addition")
+    r1.add_argument("--out", default="runs/r1", metavar="DIR", help="run directory (default runs/r1)")
+    r1.add_argument("--base", default=None, metavar="DIR", help="reuse this pretrained model instead of pretraining one")
+    r1.add_argument("--minutes", type=float, default=45.0, help="total time budget; GRPO stops cleanly at it (default 45)")
+    r1.add_argument("--seed", type=int, default=0)
+    r1.set_defaults(func=cmd_r1)
     ev = sub.add_parser("eval", help="held-out pass@1 (greedy) and pass@k (sampled) on a checkable task, as JSON")
     ev.add_argument("--task", required=True, help="addition, multiplication or countdown")
     ev.add_argument("--model", required=True, metavar="DIR", help="a checkpoint directory with its tokenizer")

@@ -53,6 +53,12 @@ class ModelConfig:
     norm_topk_prob: bool = True
     # Multi-token prediction depth (DeepSeek-V3 section 2.2)
     n_mtp_layers: int = 0
+    # Manifold-constrained hyper-connections (mHC, arXiv 2512.24880; DeepSeek-V4 uses 4 / 20 / 1e-6):
+    # hc_mult residual streams mixed around every sublayer (seekling/model/mhc.py). 1 is the plain
+    # residual: no mHC parameters, today's model and checkpoints unchanged.
+    hc_mult: int = 1
+    hc_sinkhorn_iters: int = 20  # Sinkhorn-Knopp rounds on each comb matrix; 0 switches the projection off
+    hc_eps: float = 1e-6
     initializer_range: float = 0.02
     bos_token_id: int | None = 0
     # One id, several (a checkpoint's config.json may list them; every one ends a generation), or
@@ -68,7 +74,7 @@ class ModelConfig:
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f,
                  f"must be a positive integer, got {getattr(self, f)!r}")
         for f in ("qk_nope_head_dim", "n_dense_layers", "n_routed_experts", "n_shared_experts",
-                  "n_activated_experts", "n_mtp_layers"):
+                  "n_activated_experts", "n_mtp_layers", "hc_sinkhorn_iters"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) >= 0, f,
                  f"must be a non-negative integer, got {getattr(self, f)!r}")
         need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
@@ -102,6 +108,11 @@ class ModelConfig:
         need(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
         need(self.norm_eps > 0, "norm_eps", f"must be positive, got {self.norm_eps}")
         need(self.route_scale > 0, "route_scale", f"must be positive, got {self.route_scale}")
+        need(isinstance(self.hc_mult, int) and not isinstance(self.hc_mult, bool) and self.hc_mult >= 1, "hc_mult",
+             f"must be a positive integer (1: plain residual, 4: DeepSeek-V4's mHC), got {self.hc_mult!r}")
+        need(isinstance(self.hc_eps, (int, float)) and not isinstance(self.hc_eps, bool)
+             and 0 <= self.hc_eps < 1e-2, "hc_eps",
+             f"must be a small non-negative number (DeepSeek-V4 uses 1e-6), got {self.hc_eps!r}")
         if isinstance(self.eos_token_id, list):  # as JSON (config.json, a saved TrainConfig) gives it
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         need(not isinstance(self.eos_token_id, tuple) or len(self.eos_token_id) > 0, "eos_token_id",
@@ -125,6 +136,11 @@ class ModelConfig:
     @property
     def has_moe(self) -> bool:
         return self.n_dense_layers < self.n_layers
+
+    @property
+    def has_mhc(self) -> bool:
+        """Whether the residual is hc_mult > 1 mHC streams (seekling/model/mhc.py) rather than one plain stream."""
+        return self.hc_mult > 1
 
     @property
     def qk_head_dim(self) -> int:

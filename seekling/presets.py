@@ -1,7 +1,9 @@
 """Model presets as plain functions (torchtitan's config registry style).
 
 `tiny` is the laptop demo, `small` about an hour of CPU training; `gpu_100m` and `gpu_1b` are
-sized for one or a few GPUs. Parameter counts are printed by `seekling info PRESET`.
+sized for one or a few GPUs. `tiny_mhc` is `tiny` with DeepSeek-V4's manifold-constrained
+hyper-connections (4 residual streams); any preset takes them with `with_mhc(preset())`, or
+`cfg.replace(hc_mult=4)`. Parameter counts are printed by `seekling info PRESET`.
 """
 
 from seekling.config import ModelConfig
@@ -40,7 +42,17 @@ def gpu_1b() -> ModelConfig:
         n_expert_groups=8, n_limited_groups=4, route_scale=2.5, max_seq_len=4096, n_mtp_layers=1)
 
 
-PRESETS = {"tiny": tiny, "small": small, "gpu_100m": gpu_100m, "gpu_1b": gpu_1b}
+def with_mhc(cfg: ModelConfig, hc_mult: int = 4) -> ModelConfig:
+    """The same model with mHC: DeepSeek-V4's 4 streams, 20 Sinkhorn rounds, eps 1e-6 (its config defaults)."""
+    return cfg.replace(hc_mult=hc_mult, hc_sinkhorn_iters=20, hc_eps=1e-6)
+
+
+def tiny_mhc() -> ModelConfig:
+    # +0.35M parameters over tiny (mixing projections; 0.30M of them active in the main model): `seekling info tiny_mhc`.
+    return with_mhc(tiny())
+
+
+PRESETS = {"tiny": tiny, "small": small, "gpu_100m": gpu_100m, "gpu_1b": gpu_1b, "tiny_mhc": tiny_mhc}
 
 
 def get_preset(name: str) -> ModelConfig:

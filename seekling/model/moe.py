@@ -13,10 +13,13 @@ GEMMs (`torch.nn.functional.grouped_mm`); only chosen experts ever see a token. 
 is the plain per-expert loop kept as the test reference.
 The grouped path is three steps, `Experts.permute` / `compute` / `combine`, so that expert
 parallelism can move the permuted rows to the ranks owning their experts and back in between.
+The one seam for that is `Experts.dispatch` (None here): a callable `(experts, routed, dtype) ->
+(S, D)` that stands in for `compute`, set by seekling.distributed.expert_parallel.
 Left out: expert parallelism itself (the all-to-all dispatch) lives beside the trainer, not in the model.
 """
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +30,19 @@ from seekling.device import gemm_dtype, group_rows_multiple
 from seekling.model.mlp import MLP
 
 
-@dataclass
 class RouterTrace:
     """Caller-owned record of routing decisions, filled by each MoE layer during one forward.
 
     The model keeps no state of its own: the trainer passes a trace to read expert loads (for the
     auxiliary-loss-free bias update) and router scores (for the sequence-wise balance loss);
     `seekling inspect` uses it to show which experts fired.
+    A plain class, not a dataclass: wrappers that map over forward arguments (FSDP2's input
+    handling) rebuild dataclasses and lists they pass through, and the layers would then record
+    into a copy the caller never sees.
     """
 
-    layers: list = field(default_factory=list)  # (layer_id, scores (N,E) fp32, idx (N,K), weights (N,K), (B,T))
+    def __init__(self, layers: list | None = None):
+        self.layers = [] if layers is None else layers  # (layer_id, scores (N,E) fp32, idx (N,K), weights (N,K), (B,T))
 
     def record(self, layer_id, scores, idx, weights, batch_shape):
         self.layers.append((layer_id, scores, idx, weights, batch_shape))
@@ -100,12 +106,18 @@ class Experts(nn.Module):
         # view, the layout its CPU kernel is fast for (measured: ~15x faster than row-major in fp32).
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, D))  # gate (w1) and up (w3) projections fused
         self.w2 = nn.Parameter(torch.empty(E, D, I))  # down projection
+        # Expert parallelism's seam: when set, it replaces `compute` between permute and combine
+        # (moving rows to the ranks owning their experts and back); the model itself never sets it.
+        self.dispatch: Callable[[Experts, Routed, torch.dtype], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Grouped-GEMM path. x (N,D), weights (N,K), idx (N,K) -> (N,D)."""
         N, K = idx.shape
         dtype = _compute_dtype(x, self.w13)
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if self.dispatch is not None:
+            # Every rank of an expert-parallel group must join every exchange: always the grouped path.
+            return self._forward_grouped(x, weights, idx, dtype).to(out_dtype)
         if torch.compiler.is_compiling():
             if torch.is_grad_enabled():
                 # A graph with gradients (a compiled training step): grouped_mm has no fp32
@@ -124,6 +136,8 @@ class Experts(nn.Module):
     def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, dtype) -> torch.Tensor:
         """Sort the pairs by expert, two grouped GEMMs, scatter back: the training and prefill path."""
         routed = self.permute(x, weights, idx, dtype)
+        if self.dispatch is not None:
+            return self.combine(self.dispatch(self, routed, dtype), routed)
         return self.combine(self.compute(routed.rows, routed.weights, routed.offs, dtype), routed)
 
     # The grouped path in three steps, so that expert parallelism can send `rows` (and `weights`,
@@ -163,10 +177,7 @@ class Experts(nn.Module):
 
     def compute(self, rows: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor, dtype) -> torch.Tensor:
         """Every expert on its rows: rows (S,D) grouped by `offs`, weights (S,) -> weighted outputs (S,D)."""
-        gate, up = F.grouped_mm(rows, self.w13.to(dtype).transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-        # Scale by the routing weight before the down projection: it is linear, and I < D usually.
-        h = F.silu(gate) * up * weights.unsqueeze(-1).to(dtype)
-        return F.grouped_mm(h, self.w2.to(dtype).transpose(-2, -1), offs=offs)
+        return grouped_experts(rows, weights, offs, self.w13, self.w2, dtype)
 
     def combine(self, out: torch.Tensor, routed: "Routed") -> torch.Tensor:
         """Sum each token's expert outputs: (S,D) -> (N,D). Padding rows land on an extra row, dropped."""
@@ -221,6 +232,17 @@ class Experts(nn.Module):
             y = (F.silu(h[:, :I]) * h[:, I:]) @ self.w2[e].t()
             out = out.index_add(0, token, y * weights[token, slot].unsqueeze(-1).to(y.dtype))
         return out
+
+
+def grouped_experts(rows: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor,
+                    w2: torch.Tensor, dtype) -> torch.Tensor:
+    """SwiGLU experts as two grouped GEMMs: rows (S,D) grouped by `offs` (one group per expert of
+    w13 (E,2I,D) and w2 (E,D,I)), weights (S,) -> weighted outputs (S,D). A function of its weights,
+    so that an expert-parallel dispatch can run it on the experts a rank owns."""
+    gate, up = F.grouped_mm(rows, w13.to(dtype).transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+    # Scale by the routing weight before the down projection: it is linear, and I < D usually.
+    h = F.silu(gate) * up * weights.unsqueeze(-1).to(dtype)
+    return F.grouped_mm(h, w2.to(dtype).transpose(-2, -1), offs=offs)
 
 
 _grouped_outside_graph = torch.compiler.disable(Experts._forward_grouped)

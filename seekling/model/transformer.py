@@ -1,10 +1,21 @@
 """The DeepSeek-V3-style decoder: embeddings, blocks of MLA + (dense MLP | MoE), final norm, head, MTP.
 
-Shapes: B batch, T tokens, D model dim, V vocabulary.
+Shapes: B batch, T tokens, D model dim, V vocabulary, n residual streams (hc_mult).
 
-Each block keeps its residual stream in one place (`Block.forward`), so a different residual scheme
-(e.g. manifold-constrained hyper-connections) replaces two lines. The model holds no process-group,
-cache or training state: the caller passes an engine-owned KV cache and a RouterTrace when it wants them.
+Each block keeps its residual in one place (`Block.forward`). With hc_mult > 1 the residual is n
+streams (B,T,n,D) mixed by manifold-constrained hyper-connections (model/mhc.py, DeepSeek-V4): the
+embedding is copied into every stream, each sublayer reads and writes them through its own
+HyperConnection, and `hc_head` collapses them before the final norm. With hc_mult = 1 none of that
+exists (no parameters, no ops): the plain DeepSeek-V3 residual, bit for bit.
+
+An MTP depth keeps V3's interface with mHC too: it reads the main model's collapsed, final-normed
+hidden state (B,T,D) and returns one (B,T,D), so the MTP loss and speculative drafting are the same
+code for both. Inside, its eh_proj output is copied into n streams, its block mixes them with its own
+attn_hc / ffn_hc, and its own hc_head collapses them before its norm. (transformers' DeepseekV4 ignores
+MTP weights, so there is no oracle for this part; the choice is ours, see the README.)
+
+The model holds no process-group, cache or training state: the caller passes an engine-owned KV cache
+and a RouterTrace when it wants them.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import torch
 from torch import nn
 
 from seekling.config import ModelConfig
+from seekling.model.mhc import HyperConnection, HyperHead, expand_streams, hc_write
 from seekling.model.mla import MLA
 from seekling.model.mlp import MLP
 from seekling.model.moe import MoE, RouterTrace
@@ -27,11 +39,22 @@ class Block(nn.Module):
         self.attn = MLA(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg, layer_id) if moe else MLP(cfg.dim, cfg.inter_dim)
+        # None with hc_mult = 1: no parameters and no state-dict keys, so the plain model is unchanged.
+        self.attn_hc = HyperConnection(cfg) if cfg.has_mhc else None
+        self.ffn_hc = HyperConnection(cfg) if cfg.has_mhc else None
+
+    def _ffn(self, h, trace):
+        return self.ffn(h, trace) if isinstance(self.ffn, MoE) else self.ffn(h)
 
     def forward(self, x, cos, sin, cache=None, trace: RouterTrace | None = None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
-        h = self.ffn_norm(x)
-        return x + (self.ffn(h, trace) if isinstance(self.ffn, MoE) else self.ffn(h))
+        """x (B,T,D), or (B,T,n,D) streams with mHC -> the same shape."""
+        if self.attn_hc is None:
+            x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+            return x + self._ffn(self.ffn_norm(x), trace)
+        y, post, comb = self.attn_hc(x)
+        x = hc_write(x, self.attn(self.attn_norm(y), cos, sin, cache), post, comb)
+        y, post, comb = self.ffn_hc(x)
+        return hc_write(x, self._ffn(self.ffn_norm(y), trace), post, comb)
 
 
 class MTPLayer(nn.Module):
@@ -51,10 +74,15 @@ class MTPLayer(nn.Module):
         # transformers always builds MTP blocks as MoE; a model with no experts gets a dense one.
         self.block = Block(cfg, layer_id, moe=cfg.n_routed_experts > 0)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # "shared_head.norm" in the checkpoint
+        self.hc_head = HyperHead(cfg) if cfg.has_mhc else None
 
     def forward(self, h_prev, emb_next, cos, sin, cache=None, trace=None):
+        """h_prev (B,T,D) final-normed, emb_next (B,T,D) -> final-normed (B,T,D), with or without mHC."""
         x = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
-        return self.norm(self.block(x, cos, sin, cache, trace))
+        if self.hc_head is None:
+            return self.norm(self.block(x, cos, sin, cache, trace))
+        x = self.block(expand_streams(x, self.hc_head.n), cos, sin, cache, trace)
+        return self.norm(self.hc_head(x))
 
 
 class Transformer(nn.Module):
@@ -67,16 +95,20 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.n_layers + k) for k in range(cfg.n_mtp_layers))
         self.rope = RotaryEmbedding(cfg)
+        self.hc_head = HyperHead(cfg) if cfg.has_mhc else None  # "model.hc_head" in the checkpoint
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):
-        """Normal(0, initializer_range) for every matrix, ones for norms, zero balance bias (as transformers)."""
+        """Normal(0, initializer_range) for every matrix, ones for norms, zero balance bias; mHC as
+        transformers' DeepseekV4: fn normal, base 0, scale 1 (so every stream starts equally weighted)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.cfg.initializer_range
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight") or name.endswith(("_hc.scale", "hc_head.hc_scale")):
                 p.fill_(1.0)
+            elif name.endswith(("_hc.base", "hc_head.hc_base")):
+                p.zero_()
             else:
                 p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
         for name, b in self.named_buffers():
@@ -92,8 +124,12 @@ class Transformer(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = self.rope(positions)
         x = self.embed(input_ids)
+        if self.hc_head is not None:
+            x = expand_streams(x, self.cfg.hc_mult)  # (B,T,n,D)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, trace)
+        if self.hc_head is not None:
+            x = self.hc_head(x)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,

@@ -5,8 +5,9 @@ full ModelConfig), the data, the batch geometry, the optimizer and schedule, the
 and where to write. It round-trips through JSON (`to_dict` / `from_dict`) so that a run directory
 holds its own recipe and `resume` needs nothing but the directory.
 
-Left out: distributed settings (world size, sharding) - they belong beside the trainer when it
-grows them, and a single-process run needs none.
+Left out: distributed settings (world size, expert-parallel size). They are launch settings
+(`torchrun --nproc_per_node N -m seekling train --ep E`, trainer.train(dp=, ep=)), not part of the
+recipe, so that one run directory resumes at any world size; batch_size is the global batch.
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ _PRESET_TRAIN = {
     "gpu_1b": dict(batch_size=64, seq_len=2048, lr=8e-4, warmup_steps=2000, max_steps=50000, schedule="wsd",
                    eval_every=2000, ckpt_every=1000, eval_batches=50),
 }
+_PRESET_TRAIN["tiny_mhc"] = _PRESET_TRAIN["tiny"]  # tiny with mHC streams: the same run, for a like-for-like comparison
 
 
 def train_preset(name: str, **overrides) -> TrainConfig:

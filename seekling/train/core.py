@@ -1,4 +1,4 @@
-"""The training step every driver shares: pretraining, SFT, RL and (later) torchrun.
+"""The training step every driver shares: pretraining (one process or torchrun), SFT and RL.
 
     step = TrainStep(model, optimizer, next_token_loss(mtp_lambda=0.3), StepConfig(dtype=torch.float32))
     metrics = step([batch0, batch1], lr=3e-3)     # one optimizer step over two micro-batches
@@ -8,8 +8,10 @@ plug-in: next-token CE with MTP for pretraining, the same CE over masked targets
 gradient loss for RL), backward of loss / n_micro; then clip, optimizer step, zero the grads, and
 the aux-loss-free expert-bias update from the routing counts of the whole step (DeepSeek-V3 updates
 the bias "at the end of each step"; summed over micro-batches, accumulation sees one update, as a
-bigger batch would). A distributed driver passes `reduce_counts` (an all-reduce of the (layers, E)
-counts) so that every rank applies the same update.
+bigger batch would). A distributed driver passes three hooks: `reduce_counts` (an all-reduce of
+the (layers, E) counts) so that every rank applies the same update, `reduce_metrics` (the mean of
+the logged scalars over ranks) and `clip_grad_norm` (for gradients sharded over several meshes);
+without them the step has no distributed code at all.
 
 Compilation is applied by wrapping: `StepConfig(compile=True)` compiles the loss function (the
 model's forward inlined into it), and the model's modules are never replaced or patched. The
@@ -22,7 +24,7 @@ loading (drivers hand over micro-batches; tensors are moved to the model's devic
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -124,12 +126,16 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                  config: StepConfig | None = None, *,
-                 reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 reduce_metrics: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 clip_grad_norm: Callable[[Iterable[torch.Tensor], float], torch.Tensor] | None = None):
         self.model, self.optimizer, self.config = model, optimizer, config or StepConfig()
         self.device = next(model.parameters()).device
         self.n_gates = len(moe_gates(model))
         self.n_experts = getattr(model.cfg, "n_routed_experts", 0)
-        self.reduce_counts = reduce_counts
+        self.reduce_counts, self.reduce_metrics = reduce_counts, reduce_metrics
+        self.clip_grad_norm = clip_grad_norm or (lambda params, max_norm: torch.nn.utils.clip_grad_norm_(
+            params, max_norm, foreach=True))
         # A wrapper, not model.compile(): the caller's modules stay as they were, so the engine and
         # evaluation run the plain forward over the same parameters.
         self.loss_fn = torch.compile(loss_fn) if self.config.compile else loss_fn
@@ -155,13 +161,16 @@ class TrainStep:
                 counts[: c.shape[0]] += c  # MTP routers see no tokens when the MTP loss is off
         grad_norm = None
         if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+            grad_norm = self.clip_grad_norm(model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if counts is not None and self.reduce_counts is not None:
             counts = self.reduce_counts(counts)
         if counts is not None and cfg.bias_update_gamma > 0:
             update_expert_bias(model, counts, cfg.bias_update_gamma)
+        if sums and self.reduce_metrics is not None:  # one collective for every logged scalar, in key order
+            keys = sorted(sums)
+            sums = dict(zip(keys, self.reduce_metrics(torch.stack([sums[k] for k in keys]).to(self.device)).cpu()))
         metrics = {k: v.item() / len(micro_batches) for k, v in sums.items()}
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm.item()

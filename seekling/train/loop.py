@@ -9,6 +9,9 @@ tokens it trained on, `evaluate()` returns validation metrics and a line to show
 `save(progress, finished)` writes a checkpoint. The loop decides when to log (metrics.jsonl and the
 progress display), evaluate and save, and stops cleanly on SIGINT/SIGTERM, on `on_step` returning
 True, or at the time limit, always with a checkpoint.
+In a torchrun job every rank runs the loop (steps, evaluation and saves are collectives); only the
+`primary` rank writes metrics.jsonl and shows progress, and `agree_stop` makes a stop wanted by one
+rank (a signal, the time limit) a stop of all of them at the same step.
 Left out: anything about what a step computes (train/core.py) or how a checkpoint is laid out (state.py).
 """
 
@@ -76,7 +79,8 @@ class LoopResult:
 def run_loop(*, step: Callable[[int], tuple[dict, int]], evaluate: Callable[[], tuple[dict, str]],
              save: Callable[[Progress, bool], None], cadence: Cadence, run_dir: Path, start: Progress,
              model=None, flops_per_token: float | None = None, peak: float | None = None,
-             on_step=None, live: bool | None = None, session_start: float | None = None) -> LoopResult:
+             on_step=None, live: bool | None = None, session_start: float | None = None,
+             primary: bool = True, agree_stop: Callable[[bool], bool] | None = None) -> LoopResult:
     """Run steps start.step .. cadence.steps with logging, evaluation, checkpoints and clean stops.
 
     `session_start` (perf_counter) is when this session began, setup included: elapsed time and the
@@ -90,8 +94,8 @@ def run_loop(*, step: Callable[[int], tuple[dict, int]], evaluate: Callable[[], 
         progress.elapsed = start.elapsed + time.perf_counter() - session_start
         return progress
 
-    log = MetricsLog(run_dir / run_state.METRICS)
-    display = Display(cadence.steps, progress.step, live=live)
+    log = MetricsLog(run_dir / run_state.METRICS) if primary else None
+    display = Display(cadence.steps, progress.step, live=live) if primary else _Quiet()
     saved_at, stop_reason = None, None
     t_log, tokens_log = time.perf_counter(), 0
     try:
@@ -117,7 +121,8 @@ def run_loop(*, step: Callable[[int], tuple[dict, int]], evaluate: Callable[[], 
                     if not math.isfinite(row["loss"]):
                         raise FloatingPointError(f"training loss became {row['loss']} at step {i}; lower the "
                                                  "learning rate or raise the warmup, then start a new run")
-                    log.write(row)
+                    if log is not None:
+                        log.write(row)
                     display.update(i, row)
                     t_log, tokens_log = time.perf_counter(), 0
                 else:
@@ -129,6 +134,8 @@ def run_loop(*, step: Callable[[int], tuple[dict, int]], evaluate: Callable[[], 
                 session = time.perf_counter() - session_start
                 if stop_reason is None and cadence.time_limit_s is not None and session > cadence.time_limit_s and not last:
                     stop_reason = f"time limit of {fmt_duration(cadence.time_limit_s)} reached"
+                if agree_stop is not None and agree_stop(stop_reason is not None) and stop_reason is None:
+                    stop_reason = "another rank stopped"
                 if last or stop_reason or (cadence.ckpt_every > 0 and i % cadence.ckpt_every == 0):
                     save(now(), i >= cadence.steps)
                     saved_at = i
@@ -137,10 +144,24 @@ def run_loop(*, step: Callable[[int], tuple[dict, int]], evaluate: Callable[[], 
                     break
     finally:
         display.close()
-        log.close()
+        if log is not None:
+            log.close()
     if saved_at != progress.step and progress.step != first_step:  # a finished run resumed trains and saves nothing
         save(now(), progress.step >= cadence.steps)
     return LoopResult(progress=now(), stopped=stop_reason)
+
+
+class _Quiet:
+    """The display of a rank that does not show progress."""
+
+    def update(self, step, row=None):
+        pass
+
+    def message(self, text):
+        pass
+
+    def close(self):
+        pass
 
 
 def summarize(result: LoopResult, *, first_step: int, steps: int, run_dir: Path, command: str,

@@ -3,6 +3,8 @@
 Weight decay pulls weights toward zero; on gains (RMSNorm weights), biases and the token embedding
 that only fights the scale they exist to learn, so those go in a no-decay group (as nanoGPT and
 DeepSeek's released recipes do). The output head is a matrix like any other and is decayed.
+mHC's mixing parameters (model/mhc.py) are not decayed either, matrices included: decay would pull
+`fn` toward zero, i.e. toward stream weights that ignore the input and are set by `base` alone.
 The expert-bias buffers are not parameters at all: balance.update_expert_bias moves them.
 
 The schedule is a pure function of the step, so a resumed run needs only the step to continue.
@@ -16,17 +18,19 @@ import math
 import torch
 from torch import nn
 
+from seekling.model.mhc import HyperConnection, HyperHead
 from seekling.train.config import TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices (and stacked expert matrices) decay; norms, biases, embeddings do not."""
+    """Two AdamW groups: matrices (and stacked expert matrices) decay; norms, biases, embeddings and mHC do not."""
     decay, no_decay = [], []
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    mhc = {id(p) for m in model.modules() if isinstance(m, (HyperConnection, HyperHead)) for p in m.parameters()}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or name.endswith(".bias") or id(p) in embeddings:
+        if p.dim() < 2 or name.endswith(".bias") or id(p) in embeddings or id(p) in mhc:
             no_decay.append(p)
         else:
             decay.append(p)

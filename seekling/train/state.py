@@ -14,13 +14,19 @@ the steps since the last complete checkpoint.
       model/                   hard links to the newest checkpoint's model and tokenizer files:
                                the one stable path for `seekling generate --model runs/<name>/model`
 
+A torchrun job writes the same directory, with `dcp/` (torch.distributed.checkpoint: model and
+AdamW shards of every rank, resharded on load to any world or ep size, or to one process) in place
+of train_state.safetensors; rank 0 gathers the full model for the Hugging Face files, so `model/`
+is the same as a single-process run's, and state.json and the rename are rank 0's, after every
+rank's shards are written.
+
 A checkpoint is written into `ckpt-N.tmp/`, every file fsynced, then renamed to `ckpt-N` in one
 atomic step; only then are older checkpoints removed (renamed to `*.del` first, so a half-deleted
 one is never mistaken for complete). Resume scans for the newest `ckpt-N` holding a valid state.json
 and never trusts `latest`. `model/` is updated file by file with os.replace, each file always whole;
 the files are never modified in place, so hard-linking them is safe.
 
-Only safetensors and JSON are written or read: nothing here pickles (torch.save would).
+Only safetensors, JSON and DCP's own files are written or read: nothing here pickles (torch.save would).
 """
 
 from __future__ import annotations
@@ -36,8 +42,16 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from seekling.checkpoint import from_hf_state_dict, read_tensors, save
+from seekling.checkpoint import REMOTE_CODE_FILES, from_hf_state_dict, read_tensors, save
+from seekling.distributed.checkpoint import full_model, load_sharded, save_sharded
+from seekling.distributed.parallelize import Parallel
 from seekling.train.config import TrainConfig
 
 TRAIN_CONFIG = "train_config.json"
@@ -46,9 +60,11 @@ LATEST = "latest"
 MODEL_DIR = "model"
 STATE = "state.json"
 TRAIN_STATE = "train_state.safetensors"
+DCP_DIR = "dcp"
 _CKPT = re.compile(r"ckpt-(\d+)")
 # Copied into model/, weights first and config.json last (a reader that sees the new config sees new weights).
-_MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+_MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                *REMOTE_CODE_FILES)  # an mHC checkpoint's transformers code (checkpoint.py)
 
 
 # ---------------------------------------------------------------- small atomic-write helpers
@@ -190,9 +206,16 @@ def save_checkpoint(run_dir: Path, model, optimizer, tokenizer, state: dict, kee
                              "numpy": [nprng[0], nprng[1].tolist(), *nprng[2:]]})
     with open(tmp / STATE, "w", encoding="utf-8") as f:
         json.dump(state, f, indent=2)
+    return _commit(run_dir, tmp, final, state["step"], keep)
+
+
+def _commit(run_dir: Path, tmp: Path, final: Path, step: int, keep: int) -> Path:
+    """Make a fully written `tmp` the checkpoint `final`: fsync, rename, `latest`, `model/`, drop older ones."""
+    name = final.name
     for path in tmp.iterdir():  # tokenizer files and state.json are not fsynced by their writers
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
     fsync_dir(tmp)
     if final.exists():
         # This step was saved before and training is deterministic, so it holds the same weights:
@@ -206,12 +229,45 @@ def save_checkpoint(run_dir: Path, model, optimizer, tokenizer, state: dict, kee
     tmp_latest.write_text(name + "\n")
     os.replace(tmp_latest, latest)
     publish_model(run_dir, final)
-    older = sorted((p for p in run_dir.iterdir() if p.is_dir() and (s := _step_of(p)) is not None and s < state["step"]),
+    older = sorted((p for p in run_dir.iterdir() if p.is_dir() and (s := _step_of(p)) is not None and s < step),
                    key=_step_of)
     for path in older[: max(0, len(older) - (keep - 1))]:
         _remove(path)
     for path in run_dir.glob("ckpt-*.tmp"):
         shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def save_checkpoint_sharded(run_dir: Path, model, optimizer, tokenizer, state: dict, par: Parallel,
+                            keep: int = 1) -> Path:
+    """A torchrun job's save (every rank calls it): DCP shards from every rank, the Hugging Face files
+    and state.json from rank 0, and rank 0's atomic rename only once every shard is on disk.
+
+    A rank killed at any point leaves `ckpt-N.tmp` unrenamed (the survivors fail in their next
+    collective), so the previous checkpoint stays the newest complete one.
+    """
+    run_dir = Path(run_dir)
+    name = f"ckpt-{state['step']:06d}"
+    final, tmp = run_dir / name, run_dir / f"{name}.tmp"
+    if par.primary:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
+        tmp.mkdir(parents=True)
+    par.barrier()
+    # dcp.save returns on every rank only after rank 0 wrote .metadata, which follows every rank's
+    # shards (FileSystemWriter fsyncs them): after it, the shards are complete.
+    save_sharded(tmp / DCP_DIR, model, optimizer)
+    plain = full_model(model)  # a collective; the full weights land on rank 0 only
+    if par.primary:
+        save(plain, tmp, stop_token_ids=(tokenizer.eot_id,))
+        tokenizer.save(tmp)
+        with open(tmp / STATE, "w", encoding="utf-8") as f:
+            json.dump(dict(state, world_size=par.world_size, ep=par.ep), f, indent=2)
+        for path in (tmp / DCP_DIR).iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp / DCP_DIR)
+        _commit(run_dir, tmp, final, state["step"], keep)
+    par.barrier()
     return final
 
 
@@ -243,11 +299,21 @@ def publish_model(run_dir: Path, ckpt: Path) -> Path:
     return out
 
 
-def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
-    """Restore model weights (and expert biases), AdamW state and RNG states in place; returns state.json."""
+def load_checkpoint(ckpt: Path, model, optimizer, sharded: bool = False) -> dict:
+    """Restore model weights (and expert biases), AdamW state and RNG states in place; returns state.json.
+
+    A checkpoint of a torchrun job (it has dcp/) loads into any layout: sharded (`sharded=True`, the
+    model already parallelized) or one plain process. A single-process checkpoint loads into a
+    sharded model through full state dicts (every rank reads the files and keeps its shards)."""
     state = read_state(ckpt)
     if state is None:
         raise ValueError(f"{ckpt} is not a complete checkpoint (no valid {STATE}); delete it to resume from an earlier one")
+    if (ckpt / DCP_DIR).is_dir():
+        load_sharded(ckpt / DCP_DIR, model, optimizer)
+        return state  # a job's ranks drew no random numbers worth restoring: batches are pure in (seed, step)
+    if sharded:
+        _load_full_into_sharded(ckpt, model, optimizer)
+        return state
     weights = from_hf_state_dict(read_tensors(ckpt), model.cfg, model.state_dict(), str(ckpt))
     model.load_state_dict(weights, strict=True)
     try:
@@ -275,6 +341,25 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
         kind, keys, *rest = rng["numpy"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     return state
+
+
+def _load_full_into_sharded(ckpt: Path, model, optimizer) -> None:
+    full = StateDictOptions(full_state_dict=True)
+    # a sharded model's state dict holds DTensors, whose .shape is the full one the files must match
+    weights = from_hf_state_dict(read_tensors(ckpt), model.cfg, model.state_dict(), str(ckpt))
+    set_model_state_dict(model, weights, options=full)
+    try:
+        tensors = load_file(str(ckpt / TRAIN_STATE))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{ckpt / TRAIN_STATE} is unreadable ({e}); "
+                         f"delete {ckpt} to resume from an earlier checkpoint") from None
+    groups = get_optimizer_state_dict(model, optimizer, options=full)["param_groups"]
+    st: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            name, field = key[len("optim."):].rsplit(".", 1)
+            st.setdefault(name, {})[field] = value
+    set_optimizer_state_dict(model, optimizer, {"state": st, "param_groups": groups}, options=full)
 
 
 def _jsonable(x):

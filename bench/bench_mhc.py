@@ -1,0 +1,193 @@
+"""Does mHC pay? A preset with the plain residual vs the same model with manifold-constrained
+hyper-connections (n streams, DeepSeek-V4's formulation, seekling/model/mhc.py), and vs
+unconstrained hyper-connections (the same streams with the Sinkhorn projection off).
+
+    python bench/bench_mhc.py [--preset tiny] [--hc 4] [--steps 300] [--batch 8] [--seq 256]
+                              [--variants baseline,wide,mhc,hc] [--compile] [--out runs/bench-mhc]
+
+Every variant trains through seekling's own trainer with the same TrainConfig (same tokens in the same
+order, same schedule, same seed). `baseline` is the preset itself; mHC adds only its mixing projections
+(all active), so `wide` is the plain model with its dense layers' MLP widened until its active
+parameters equal mHC's: the comparison at equal active parameters. The table gives validation
+loss and bits per byte on the held-out plays, the median tokens/s each run logged, tokens/s from a
+short interleaved timing (A, B, C, A, B, C, ... full training steps, median; a busy machine cannot tilt
+it toward one run) and mHC's overhead against the baseline from that timing.
+
+The stability measure is the paper's (Xie et al., arXiv 2512.24880, section 3.1, "Amax Gain Magnitude"):
+the residual mixing over depth is x_L = A x_0 with A = C_L^T ... C_1^T (one comb matrix C per
+sublayer, per token). Its forward gain is A's largest absolute row sum, its backward gain the largest
+absolute column sum. Doubly-stochastic C keep both at 1; without the projection they drift. It is
+measured on one fixed held-out batch every `--probe-every` steps (outside the timed steps); the
+table reports the largest value over tokens at the end, the plot its course.
+
+`--compile` trains every variant with TrainConfig(compile=True) (one torch.compile graph per step),
+where mHC's small ops are fused; eager runs them op by op. Defaults: ~35 minutes on a 2-core CPU.
+Writes metrics, `mhc.png` and `results.json` under --out.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from seekling.config import ModelConfig
+from seekling.data.dataset import TrainLoader, prepare_tokens
+from seekling.model.mhc import HyperConnection
+from seekling.presets import get_preset, with_mhc
+from seekling.stats import model_stats
+from seekling.tokenizer import load_default_tokenizer
+from seekling.train.config import train_preset
+from seekling.train.state import read_metrics
+from seekling.train.trainer import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_moe_vs_dense import interleaved_step_times  # noqa: E402  (one timing loop for every bench)
+
+
+def wide_baseline(base: ModelConfig, target_active: int) -> ModelConfig:
+    """The plain model with the dense layers' MLP (or, with none, the experts') widened to `target_active`."""
+    field = "inter_dim" if base.n_dense_layers else "moe_inter_dim"
+    start = getattr(base, field)
+    width = min(range(start, 4 * start), key=lambda w: abs(model_stats(base.replace(**{field: w})).active_params - target_active))
+    return base.replace(**{field: width})
+
+
+@torch.no_grad()
+def amax_gains(model, x: torch.Tensor) -> tuple[float, float] | None:
+    """(forward, backward) Amax gain of the composite residual mixing of the main model, largest over tokens."""
+    combs = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: combs.append(out[2]))
+             for name, m in model.named_modules() if isinstance(m, HyperConnection) and name.startswith("layers.")]
+    if not hooks:
+        return None
+    try:
+        model.hidden(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    A = None
+    for c in combs:  # in execution order: sublayer 1 first
+        ct = c.double().transpose(-1, -2)  # x' = C^T x (plus the sublayer's output)
+        A = ct if A is None else ct @ A
+    A = A.abs()
+    return A.sum(-1).amax().item(), A.sum(-2).amax().item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--hc", type=int, default=4, help="streams for the mHC and HC variants (DeepSeek-V4: 4)")
+    ap.add_argument("--variants", default="baseline,wide,mhc,hc",
+                    help="any of baseline, wide (plain, active parameters = mHC's), mhc, hc (Sinkhorn off)")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--eval-batches", type=int, default=20)
+    ap.add_argument("--probe-every", type=int, default=0, help="steps between gain probes (default steps/10)")
+    ap.add_argument("--timing-rounds", type=int, default=6)
+    ap.add_argument("--compile", action="store_true", help="train with TrainConfig(compile=True)")
+    ap.add_argument("--out", default="runs/bench-mhc")
+    args = ap.parse_args()
+
+    base = get_preset(args.preset)
+    mhc = with_mhc(base, args.hc)
+    all_variants = {"baseline": base, "wide": wide_baseline(base, model_stats(mhc).active_params), "mhc": mhc,
+                    "hc": mhc.replace(hc_sinkhorn_iters=0)}
+    names = [v.strip() for v in args.variants.split(",")]
+    if unknown := [v for v in names if v not in all_variants]:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(all_variants)}")
+    probe_every = args.probe_every or max(1, args.steps // 10)
+    out_root = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+
+    tok = load_default_tokenizer()
+    results = {}
+    for name in names:
+        cfg = all_variants[name]
+        out = out_root / name
+        tcfg = train_preset(args.preset, model=cfg, out_dir=str(out), max_steps=args.steps, batch_size=args.batch,
+                            seq_len=args.seq, warmup_steps=max(1, args.steps // 15), eval_every=0, ckpt_every=0,
+                            log_every=max(1, args.steps // 30), eval_batches=args.eval_batches, compile=args.compile)
+        val = prepare_tokens(tcfg.data, tok, cache_dir=tcfg.token_cache_dir).split("val")
+        probe_x, _ = TrainLoader(data=val, batch_size=4, seq_len=args.seq, seed=1).batch(0)
+        gains = []
+
+        def on_step(step, model, display, probe_x=probe_x, gains=gains):
+            if step % probe_every == 0 or step == args.steps:
+                g = amax_gains(model, probe_x)
+                if g is not None:
+                    gains.append((step, *g))
+
+        print(f"\n=== {name}: training {args.steps} steps into {out}", flush=True)
+        t = time.perf_counter()
+        result = train(tcfg, on_step=on_step, live=False, plots=False)
+        wall = time.perf_counter() - t
+        if result["stopped"]:
+            raise SystemExit(f"{name} run stopped early ({result['stopped']}); no comparison")
+        rows = read_metrics(out)
+        tps = statistics.median(r["tok_per_s"] for r in rows[1:] or rows)
+        results[name] = dict(cfg=cfg, tcfg=tcfg, result=result, tps=tps, wall=wall, gains=gains, rows=rows)
+
+    print("\ntiming the variants in alternation ...", flush=True)
+    step_s = interleaved_step_times({n: r["tcfg"] for n, r in results.items()}, rounds=args.timing_rounds)
+    tokens = args.steps * args.batch * args.seq
+    ref = step_s.get("baseline")
+
+    print(f"\n{args.preset}: plain residual vs {args.hc} streams, {args.steps} steps x {args.batch}x{args.seq} = "
+          f"{tokens / 1e6:.2f}M tokens each, validation on {args.eval_batches} held-out batches"
+          f"{', compiled steps' if args.compile else ', eager'}\n")
+    head = (f"{'variant':<10}{'params':>10}{'active':>10}{'val loss':>10}{'val bpb':>9}{'tok/s (run)':>13}"
+            f"{'tok/s (alt.)':>14}{'vs base':>9}{'fwd gain':>10}{'bwd gain':>10}{'wall':>8}")
+    print(head)
+    table = {}
+    for name, r in results.items():
+        s = model_stats(r["cfg"])
+        alt = args.batch * args.seq / step_s[name]
+        over = f"{ref / step_s[name] - 1:+.1%}" if ref else "-"  # tokens/s change against the baseline
+        fwd, bwd = (r["gains"][-1][1], r["gains"][-1][2]) if r["gains"] else (float("nan"), float("nan"))
+        print(f"{name:<10}{(s.total_params - s.mtp_params) / 1e6:>9.2f}M{s.active_params / 1e6:>9.2f}M"
+              f"{r['result']['val_loss']:>10.4f}{r['result']['val_bpb']:>9.4f}{r['tps']:>13,.0f}{alt:>14,.0f}{over:>9}"
+              f"{fwd:>10.3g}{bwd:>10.3g}{r['wall']:>7.0f}s")
+        table[name] = dict(params=s.total_params - s.mtp_params, active=s.active_params, val_loss=r["result"]["val_loss"],
+                           val_bpb=r["result"]["val_bpb"], tok_per_s_run=r["tps"], tok_per_s_alternating=alt,
+                           gains=r["gains"], wall_s=r["wall"])
+    print("\nfwd / bwd gain: largest row / column sum of |C_L^T ... C_1^T| over the probe batch's tokens (1 = no "
+          "amplification); 'vs base': change in tokens/s against the baseline, from the alternating timing.")
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "results.json").write_text(json.dumps(dict(args=vars(args), results=table), indent=2) + "\n")
+    plot(results, out_root / "mhc.png", args)
+    print(f"wrote {out_root / 'results.json'} and {out_root / 'mhc.png'}")
+
+
+def plot(results: dict, path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_gain) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"baseline": "tab:grey", "wide": "tab:green", "mhc": "tab:blue", "hc": "tab:red"}  # one color per variant in both panels
+    for name, r in results.items():
+        rows = [row for row in r["rows"] if "loss" in row]
+        ax_loss.plot([row["step"] for row in rows], [row["loss"] for row in rows], color=colors[name],
+                     label=f"{name}: val {r['result']['val_bpb']:.3f} bits/byte")
+        if r["gains"]:
+            steps, fwd, bwd = zip(*r["gains"])
+            ax_gain.plot(steps, fwd, marker="o", color=colors[name], label=f"{name} forward")
+            ax_gain.plot(steps, bwd, marker="x", linestyle="--", color=colors[name], label=f"{name} backward")
+    ax_loss.set(xlabel="step", ylabel="training loss", title=f"{args.preset}: training loss")
+    ax_loss.legend()
+    ax_gain.set(xlabel="step", ylabel="Amax gain of the composite mixing", yscale="log",
+                title="residual mixing over depth (1 = stable)")
+    ax_gain.axhline(1.0, color="grey", linewidth=0.8)
+    ax_gain.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
