@@ -51,6 +51,8 @@ def cmd_info(args) -> None:
         ("routing", f"top-{cfg.n_activated_experts} of {cfg.n_routed_experts}, sigmoid, {cfg.n_expert_groups} groups "
                     f"(keep {cfg.n_limited_groups}), scale {cfg.route_scale:g}, norm_topk {cfg.norm_topk_prob}"
          if cfg.has_moe else "-"),
+        ("residual", f"mHC: {cfg.hc_mult} streams, Sinkhorn {cfg.hc_sinkhorn_iters} rounds, eps {cfg.hc_eps:g}"
+         if cfg.has_mhc else "plain (one stream)"),
         ("parameters, total", f"{_human(s.total_params)} ({s.total_params:,}; MTP {_human(s.mtp_params)})"),
         ("parameters, active per token", f"{_human(s.active_params)} ({100 * s.active_params / (s.total_params - s.mtp_params):.1f}% of the main model)"),
         (f"FLOPs per token (forward, ctx {s.context})", _human(s.flops_per_token, "FLOP")),
@@ -214,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     tr = sub.add_parser("train", help="pretrain a preset on the embedded corpus or --data; --resume RUN continues")
-    tr.add_argument("--preset", default="tiny", help="tiny, small, gpu_100m, gpu_1b (default tiny)")
+    tr.add_argument("--preset", default="tiny", help="tiny, small, gpu_100m, gpu_1b, tiny_mhc (default tiny)")
     tr.add_argument("--resume", metavar="RUN", default=None, help="continue RUN from its last checkpoint, bit-exactly")
     tr.add_argument("--data", default=None, metavar="PATH", help=".txt/.md/.jsonl file or directory (default: embedded corpus)")
     tr.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<preset>)")

@@ -27,6 +27,7 @@ def test_info_preset(preset, capsys):
     assert main(["info", preset]) == 0
     out = capsys.readouterr().out
     assert "parameters, active per token" in out and "KV cache per token" in out
+    assert ("mHC: 4 streams" in out) == (preset == "tiny_mhc") and ("plain (one stream)" in out) != (preset == "tiny_mhc")
 
 
 def test_info_checkpoint(tmp_path, capsys):
