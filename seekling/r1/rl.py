@@ -45,25 +45,24 @@ from pathlib import Path
 
 import torch
 
-from seekling.checkpoint import load, read_config
+from seekling.checkpoint import load
 from seekling.device import default_device, resolve_dtype
 from seekling.inference.engine import Engine, EngineConfig
-from seekling.model.transformer import Transformer
 from seekling.presets import PRESETS
 from seekling.r1.evaluate import EvalConfig, evaluate
-from seekling.r1.grpo import LOSS_TYPES, GRPOConfig, group_advantages, grpo_loss_fn, share_step_tokens, token_logprobs
+from seekling.r1.grpo import GRPOConfig, group_advantages, grpo_loss_fn, share_step_tokens, token_logprobs
 from seekling.r1.plots import plot_rl
 from seekling.r1.rollout import SamplingSpec, micro_batches, sample_groups
+from seekling.r1.sft import model_and_tokenizer
 from seekling.r1.sft_data import batch_order
 from seekling.r1.tasks import TASKS, get_task
-from seekling.tokenizer import SeeklingTokenizer, load_default_tokenizer
 from seekling.train import state as run_state
 from seekling.train.core import StepConfig, TrainStep, autocast
 from seekling.train.flops import measure_peak_flops, train_flops_per_token
-from seekling.train.loop import Cadence, Progress, run_loop, summarize
+from seekling.train.loop import Cadence, Progress, restore, run_loop, summarize
 from seekling.train.optim import build_optimizer, lr_at
 from seekling.train.progress import fmt_duration
-from seekling.validate import checker
+from seekling.validate import checker, config_from_dict
 
 RL_CONFIG = "rl_config.json"
 BASELINE = "baseline_eval.json"  # held-out pass@1 of the starting model, for the plot's step 0
@@ -156,13 +155,7 @@ class RLConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = RL_CONFIG) -> RLConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown RL settings {unknown}; was it written by a newer seekling?")
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from None
+        return config_from_dict(cls, d, source, "RL")
 
 
 def _check_init(init: str) -> Path:
@@ -191,18 +184,12 @@ def resume_rl(run_dir: str, *, on_step=None, live: bool | None = None, plots: bo
     return _fit(cfg, run_dir, run_state.find_checkpoint(run_dir), on_step=on_step, live=live, plots=plots)
 
 
-def _model_and_tokenizer(cfg: RLConfig, ckpt: Path | None):
-    if ckpt is not None:
-        return Transformer(read_config(ckpt)), SeeklingTokenizer.load(ckpt)
-    path = _check_init(cfg.init)
-    tok = SeeklingTokenizer.load(path) if (path / "tokenizer.json").is_file() else load_default_tokenizer()
-    return load(path).float(), tok
-
-
 def _fit(cfg: RLConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plots) -> dict:
     session_start = time.perf_counter()
     device = default_device()
-    model, tok = _model_and_tokenizer(cfg, ckpt)
+    if ckpt is None:
+        _check_init(cfg.init)  # never a preset: fresh weights would earn only zero rewards
+    model, tok = model_and_tokenizer(cfg.init, ckpt)
     model.to(device).train()
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}")
@@ -211,13 +198,7 @@ def _fit(cfg: RLConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plot
     pool = task.problems("train", cfg.problems, cfg.seed)
     optimizer = build_optimizer(model, cfg)
     dtype = resolve_dtype(cfg.dtype, device)
-    start = Progress(0, 0, 0.0)
-    if ckpt is not None:
-        st = run_state.load_checkpoint(ckpt, model, optimizer)
-        start = Progress(st["step"], st["tokens"], st["elapsed"])
-        dtype = getattr(torch, st.get("dtype", str(dtype).removeprefix("torch.")))
-        print(f"resuming {run_dir} from {ckpt.name} (step {start.step}/{cfg.steps})")
-    run_state.truncate_metrics(run_dir, start.step)
+    start, dtype = restore(run_dir, ckpt, model, optimizer, cfg.steps, dtype)
     # The KL reference is the starting model, frozen: on resume it is read from init again.
     ref = None
     if cfg.beta > 0:
@@ -251,8 +232,7 @@ def _fit(cfg: RLConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plot
 
     if ckpt is None:  # where the run starts from, for the plot and the final comparison
         report = eval_report()
-        baseline = {"pass@1": report["pass@1"], "problems": report["problems"],
-                    "well_formed": sum(r["greedy"]["reward"] > 0 for r in report["records"]) / report["problems"]}
+        baseline = {"pass@1": report["pass@1"], "problems": report["problems"], "well_formed": report["greedy_well_formed"]}
         run_state.write_json_atomic(run_dir / BASELINE, baseline)
         print(f"held-out pass@1 before GRPO: {baseline['pass@1']:.1%} ({baseline['problems']} problems)")
 
@@ -291,18 +271,15 @@ def _fit(cfg: RLConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plot
 
     def evaluate_now() -> tuple[dict, str]:
         report = eval_report()
-        well_formed = sum(r["greedy"]["reward"] > 0 for r in report["records"]) / report["problems"]
-        val = {"pass@1": report["pass@1"], "well_formed_greedy": well_formed}
+        val = {"pass@1": report["pass@1"], "well_formed_greedy": report["greedy_well_formed"]}
         return val, f"held-out pass@1 {val['pass@1']:.1%} ({report['problems']} problems)"
 
     def save(progress: Progress, finished: bool) -> None:
-        state = {"step": progress.step, "tokens": progress.tokens, "elapsed": progress.elapsed,
-                 "dtype": str(dtype).removeprefix("torch."), "finished": finished, "rl_config": cfg.to_dict()}
-        run_state.save_checkpoint(run_dir, model, optimizer, tok, state)
+        run_state.save_checkpoint(run_dir, model, optimizer, tok,
+                                  progress.state(dtype, finished) | {"rl_config": cfg.to_dict()})
 
     result = run_loop(step=step, evaluate=evaluate_now, save=save, run_dir=run_dir, model=model, start=start,
-                      cadence=Cadence(steps=cfg.steps, log_every=cfg.log_every, eval_every=cfg.eval_every,
-                                      ckpt_every=cfg.ckpt_every, time_limit_s=cfg.time_limit_s),
+                      cadence=Cadence.of(cfg),
                       flops_per_token=flops, peak=peak, on_step=on_step, live=live, session_start=session_start)
     out, rows, trained = summarize(result, first_step=start.step, steps=cfg.steps, run_dir=run_dir,
                                    command="seekling rl", plots=plots)

@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from seekling.checkpoint import load, read_config
 from seekling.device import default_device, resolve_dtype
@@ -38,10 +37,10 @@ from seekling.train import state as run_state
 from seekling.train.core import StepConfig, TrainStep, next_token_loss
 from seekling.train.core import evaluate as eval_loss
 from seekling.train.flops import measure_peak_flops, train_flops_per_token
-from seekling.train.loop import Cadence, Progress, run_loop, summarize
+from seekling.train.loop import Cadence, Progress, restore, run_loop, summarize
 from seekling.train.optim import build_optimizer, lr_at
 from seekling.train.progress import fmt_duration
-from seekling.validate import checker
+from seekling.validate import checker, config_from_dict
 
 SFT_CONFIG = "sft_config.json"
 
@@ -106,13 +105,7 @@ class SFTConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = SFT_CONFIG) -> SFTConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown SFT settings {unknown}; was it written by a newer seekling?")
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from None
+        return config_from_dict(cls, d, source, "SFT")
 
 
 def sft(cfg: SFTConfig, *, on_step=None, live: bool | None = None, plots: bool = True) -> dict:
@@ -132,15 +125,18 @@ def resume_sft(run_dir: str, *, on_step=None, live: bool | None = None, plots: b
     return _fit(cfg, run_dir, run_state.find_checkpoint(run_dir), on_step=on_step, live=live, plots=plots)
 
 
-def _model_and_tokenizer(cfg: SFTConfig, ckpt: Path | None):
-    """The starting model (fp32 master weights) and its tokenizer; a resumed run rebuilds it from its checkpoint."""
+def model_and_tokenizer(init: str, ckpt: Path | None, seed: int = 0):
+    """The starting model (fp32 master weights) and its tokenizer: fresh weights of the preset `init`
+    (seeded), or the checkpoint directory `init` with its tokenizer (the default one if it has none);
+    a resumed run's model is rebuilt from its checkpoint `ckpt` (the weights are loaded later, with
+    the optimizer state)."""
     if ckpt is not None:
         return Transformer(read_config(ckpt)), SeeklingTokenizer.load(ckpt)
-    if cfg.init in PRESETS:
-        model = Transformer(get_preset(cfg.init))
-        model.init_weights(cfg.seed)
+    if init in PRESETS:
+        model = Transformer(get_preset(init))
+        model.init_weights(seed)
         return model, load_default_tokenizer()
-    path = Path(cfg.init)
+    path = Path(init)
     tok = SeeklingTokenizer.load(path) if (path / "tokenizer.json").is_file() else load_default_tokenizer()
     return load(path).float(), tok
 
@@ -148,7 +144,7 @@ def _model_and_tokenizer(cfg: SFTConfig, ckpt: Path | None):
 def _fit(cfg: SFTConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plots) -> dict:
     session_start = time.perf_counter()
     device = default_device()
-    model, tok = _model_and_tokenizer(cfg, ckpt)
+    model, tok = model_and_tokenizer(cfg.init, ckpt, cfg.seed)
     model.to(device).train()
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}")
@@ -160,13 +156,7 @@ def _fit(cfg: SFTConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plo
     collate(examples + held, tok.pad_id, max_len)  # fail now, with a clear error, if any example is too long
     optimizer = build_optimizer(model, cfg)
     dtype = resolve_dtype(cfg.dtype, device)
-    start = Progress(0, 0, 0.0)
-    if ckpt is not None:
-        st = run_state.load_checkpoint(ckpt, model, optimizer)
-        start = Progress(st["step"], st["tokens"], st["elapsed"])
-        dtype = getattr(torch, st.get("dtype", str(dtype).removeprefix("torch.")))
-        print(f"resuming {run_dir} from {ckpt.name} (step {start.step}/{cfg.steps})")
-    run_state.truncate_metrics(run_dir, start.step)
+    start, dtype = restore(run_dir, ckpt, model, optimizer, cfg.steps, dtype)
     train_step = TrainStep(model, optimizer, next_token_loss(), StepConfig(dtype=dtype, grad_clip=cfg.grad_clip,
                                                                            bias_update_gamma=cfg.bias_update_gamma))
     mean_len = sum(len(e.ids) for e in examples) / len(examples)
@@ -189,18 +179,15 @@ def _fit(cfg: SFTConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plo
         total, n = eval_loss(model, [collate(held, tok.pad_id)], dtype)
         report = evaluate(model, tok, task, EvalConfig(problems=cfg.eval_problems, k=0, max_tokens=cfg.eval_max_tokens,
                                                        seed=cfg.seed), progress=False)
-        well_formed = sum(r["greedy"]["reward"] > 0 for r in report["records"]) / report["problems"]
-        val = {"val_loss": total / n, "pass@1": report["pass@1"], "well_formed": well_formed}
+        val = {"val_loss": total / n, "pass@1": report["pass@1"], "well_formed": report["greedy_well_formed"]}
         return val, f"held-out loss {val['val_loss']:.4f}, pass@1 {val['pass@1']:.1%} ({report['problems']} problems)"
 
     def save(progress: Progress, finished: bool) -> None:
-        state = {"step": progress.step, "tokens": progress.tokens, "elapsed": progress.elapsed,
-                 "dtype": str(dtype).removeprefix("torch."), "finished": finished, "sft_config": cfg.to_dict()}
-        run_state.save_checkpoint(run_dir, model, optimizer, tok, state)
+        run_state.save_checkpoint(run_dir, model, optimizer, tok,
+                                  progress.state(dtype, finished) | {"sft_config": cfg.to_dict()})
 
     result = run_loop(step=step, evaluate=evaluate_now, save=save, run_dir=run_dir, model=model, start=start,
-                      cadence=Cadence(steps=cfg.steps, log_every=cfg.log_every, eval_every=cfg.eval_every,
-                                      ckpt_every=cfg.ckpt_every, time_limit_s=cfg.time_limit_s),
+                      cadence=Cadence.of(cfg),
                       flops_per_token=flops, peak=peak, on_step=on_step, live=live, session_start=session_start)
     out, rows, trained = summarize(result, first_step=start.step, steps=cfg.steps, run_dir=run_dir,
                                    command="seekling sft", plots=plots)

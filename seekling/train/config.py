@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from seekling.config import ModelConfig
 from seekling.presets import PRESETS, get_preset
-from seekling.validate import checker
+from seekling.validate import checker, config_from_dict
 
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -137,17 +137,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "train_config.json") -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown training settings {unknown}; was it written by a newer seekling?")
         d = dict(d)
         if isinstance(d.get("model"), dict):
-            d["model"] = ModelConfig(**d["model"])
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from None
+            try:
+                d["model"] = ModelConfig(**d["model"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{source}: {e}") from None
+        return config_from_dict(cls, d, source, "training")
 
 
 # Per-preset training defaults. The batch geometry and lr were picked on a 2-core AVX2 CPU (tiny,

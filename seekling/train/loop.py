@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from seekling.train import state as run_state
 from seekling.train.plots import plot_run
 from seekling.train.progress import Display, MetricsLog, fmt_duration
@@ -60,6 +62,12 @@ class Cadence:
     ckpt_every: int
     time_limit_s: float | None = None
 
+    @classmethod
+    def of(cls, cfg) -> Cadence:
+        """From a run config with the usual fields (steps, log_every, eval_every, ckpt_every, time_limit_s)."""
+        return cls(steps=cfg.steps, log_every=cfg.log_every, eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every,
+                   time_limit_s=cfg.time_limit_s)
+
 
 @dataclass
 class Progress:
@@ -69,11 +77,30 @@ class Progress:
     tokens: int
     elapsed: float
 
+    def state(self, dtype, finished: bool) -> dict:
+        """The checkpoint's state.json fields a driver resumes from (it adds its own config)."""
+        return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
+                "dtype": str(dtype).removeprefix("torch."), "finished": finished}
+
 
 @dataclass
 class LoopResult:
     progress: Progress
     stopped: str | None  # why the run stopped early, or None
+
+
+def restore(run_dir: Path, ckpt: Path | None, model, optimizer, steps: int, dtype) -> tuple[Progress, object]:
+    """Where a run starts: step 0 for a new run; for a resumed one, the checkpoint's weights and
+    optimizer state loaded, its progress and compute dtype. Either way metrics.jsonl keeps only the
+    rows up to that step (a crash may have logged steps after the last checkpoint)."""
+    start = Progress(0, 0, 0.0)
+    if ckpt is not None:
+        st = run_state.load_checkpoint(ckpt, model, optimizer)
+        start = Progress(st["step"], st["tokens"], st["elapsed"])
+        dtype = getattr(torch, st.get("dtype", str(dtype).removeprefix("torch.")))
+        print(f"resuming {run_dir} from {ckpt.name} (step {start.step}/{steps})")
+    run_state.truncate_metrics(run_dir, start.step)
+    return start, dtype
 
 
 def run_loop(*, step: Callable[[int], tuple[dict, int]], evaluate: Callable[[], tuple[dict, str]],
