@@ -155,6 +155,7 @@ def cmd_rl(args) -> None:
                  lr=args.lr, warmup_steps=args.warmup, eval_every=args.eval_every, eval_problems=args.eval_problems,
                  seed=args.seed, dtype=args.dtype, time_limit_s=args.time_limit,
                  skip_zero_variance_groups=False if args.keep_zero_variance else None,
+                 negative_weight=args.negative_weight,
                  compile_rollouts=True if args.compile else None)
     rl(RLConfig(**{k: v for k, v in given.items() if v is not None}))
 
@@ -314,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epsilon", type=float, default=None, help="lower clip (default 0.2)")
     r.add_argument("--epsilon-high", type=float, default=None, help="upper clip (default 0.28)")
     r.add_argument("--beta", type=float, default=None, help="KL to the starting model (default 0: no reference)")
+    r.add_argument("--negative-weight", type=float, default=None,
+                   help="weight of negative advantages, 0..1 (default 1: plain GRPO)")
     r.add_argument("--keep-zero-variance", action="store_true",
                    help="train on groups whose rewards are all equal (default: count and skip them)")
     r.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")

@@ -125,6 +125,17 @@ def test_every_loss_type_by_hand(loss_type):
     assert "kl" not in stats  # no reference given: not measured, so not reported as 0
 
 
+def test_negative_weight_scales_only_the_negative_advantages():
+    # sequence 1 (A = -1) contributes 0.8 + 1.5 + 1.0 at weight 1; every one of its terms is linear in A
+    logp, old, adv, mask = _hand_batch()
+    for w in (0.0, 0.5):
+        cfg = GRPOConfig(epsilon=0.2, epsilon_high=0.28, loss_type="dapo", negative_weight=w)
+        loss, _ = policy_loss(logp, old, adv, mask, cfg)
+        assert loss.item() == pytest.approx((-2.56 - 1.0 + w * (0.8 + 1.5 + 1.0)) / 5, abs=1e-6)
+    with pytest.raises(ValueError, match="negative_weight"):
+        GRPOConfig(negative_weight=1.5)
+
+
 def test_clipped_tokens_get_no_gradient():
     # d loss / d logp = -r * A / (tokens of the sequence * sequences) where the unclipped term is
     # selected, 0 where the clip binds (grpo: seq 0 weighs 1/(2*2), seq 1 weighs 1/(3*2)).

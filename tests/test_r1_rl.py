@@ -220,14 +220,15 @@ def test_recipe_runs_its_stages_and_keeps_finished_ones(base_model, tmp_path, ca
     small_rl = dict(max_steps=2, prompts_per_step=2, group_size=2, max_tokens=8, warmup_steps=0, eval_every=2,
                     eval_problems=2, ckpt_every=2, problems=8)
     figures = run_recipe(str(tmp_path / "r1"), base=str(base_model), sft_changes=small_sft | {"dtype": "float32"},
-                         rl_changes=small_rl | {"dtype": "float32"}, final_problems=4, live=False)
-    assert figures["rl_finished"] and figures["problems"] == 4
+                         rl_changes=small_rl | {"dtype": "float32"}, live=False)
+    assert figures["rl_finished"] and figures["problems"] == 2 and figures["rl_steps"] == 2
     assert figures["gain_points"] == pytest.approx(100 * (figures["pass@1_rl"] - figures["pass@1_sft"]), abs=0.051)
+    rows = read_metrics(tmp_path / "r1" / "rl")
+    assert figures["pass@1_rl"] == rows[-1]["pass@1"]  # the GRPO run's own last evaluation
     assert (tmp_path / "r1" / "r1.png").is_file() and (tmp_path / "r1" / "r1.json").is_file()
     assert [r["step"] for r in read_metrics(tmp_path / "r1" / "rl")] == [1, 2]
     capsys.readouterr()
-    run_recipe(str(tmp_path / "r1"), base=str(base_model), sft_changes=small_sft, rl_changes=small_rl,
-               final_problems=4, live=False)
+    run_recipe(str(tmp_path / "r1"), base=str(base_model), sft_changes=small_sft, rl_changes=small_rl, live=False)
     printed = capsys.readouterr().out
     assert "[sft]" in printed and "[rl]" in printed and printed.count("is finished; keeping it") == 2
     with pytest.raises(FileNotFoundError, match="--base"):

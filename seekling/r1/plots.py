@@ -19,8 +19,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
 from seekling.train.state import read_metrics
+
+SMOOTH = 10
 
 
 def _evals(rows: list[dict], offset: int = 0) -> list[tuple[int, float]]:
@@ -50,16 +53,22 @@ def plot_rl(rl_dir: str | os.PathLike, *, sft_dir: str | os.PathLike | None = No
     if baseline.is_file():
         held.insert(0, (offset, 100 * json.loads(baseline.read_text(encoding="utf-8"))["pass@1"]))
     steps = [r["step"] + offset for r in rows]
-    ax.plot(steps, [100 * r["accuracy"] for r in rows], color="tab:blue", alpha=0.35, lw=1,
-            label="training samples correct (%)")
-    ax.plot(steps, [100 * r["reward"] for r in rows], color="tab:green", alpha=0.35, lw=1,
-            label="training reward (x100)")
+    # Each step's batch is a handful of fresh prompts: the raw values are drawn faint and a moving
+    # mean over SMOOTH steps solid, so the trend is visible through the sampling noise.
+    for key, color, label in (("accuracy", "tab:blue", "training samples correct (%)"),
+                              ("reward", "tab:green", "training reward (x100)")):
+        raw = np.array([100 * r[key] for r in rows])
+        ax.plot(steps, raw, color=color, alpha=0.2, lw=0.8)
+        k = min(SMOOTH, len(raw))
+        ax.plot(steps[k - 1:], np.convolve(raw, np.ones(k) / k, mode="valid"), color=color, lw=1.5,
+                label=f"{label}, mean of {k} steps")
     if held:
         ax.plot(*zip(*held), "o-", color="tab:red", lw=2, label="held-out pass@1 (GRPO, greedy)")
     ax.set(xlabel="optimizer step" if sft_dir is None else "step (SFT steps, then GRPO steps)",
-           ylabel="%", ylim=(0, 105), title=f"{rl_dir.name}: reward and held-out accuracy")
+           ylabel="%", ylim=(0, 105),
+           title=f"{(rl_dir.parent if sft_dir is not None else rl_dir).name}: reward and held-out accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     path = Path(out) if out is not None else rl_dir / "reward.png"
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from seekling.r1.evaluate import EvalConfig, evaluate
 from seekling.r1.plots import plot_rl
-from seekling.r1.rl import RL_CONFIG, RLConfig, resume_rl, rl
+from seekling.r1.rl import BASELINE, RL_CONFIG, RLConfig, resume_rl, rl
 from seekling.r1.sft import SFT_CONFIG, SFTConfig, resume_sft, sft
 from seekling.r1.tasks import get_task
 from seekling.terminal import load_model_dir
@@ -44,7 +44,7 @@ SFT_SETTINGS = dict(max_steps=600, batch_size=16, lr=1e-3, eval_every=200, eval_
 # groups is mostly noise, and AdamW turns noise into steps of size lr on every weight).
 RL_SETTINGS = dict(max_steps=300, prompts_per_step=16, group_size=8, max_tokens=128, lr=3e-5, warmup_steps=5,
                    eval_every=50, eval_problems=200, ckpt_every=25)
-FINAL_PROBLEMS = 200  # held-out problems in the before/after comparison
+_FINAL_RESERVE_S = 180.0
 DEFAULT_BUDGET_S = 45 * 60
 
 
@@ -65,7 +65,7 @@ def _run_stage(name: str, run_dir: Path, config_name: str, start, resume) -> Non
 
 def run_recipe(out_dir: str = "runs/r1", base: str | None = None, time_budget_s: float = DEFAULT_BUDGET_S,
                seed: int = 0, live: bool | None = None, *, sft_changes: dict | None = None,
-               rl_changes: dict | None = None, final_problems: int = FINAL_PROBLEMS) -> dict:
+               rl_changes: dict | None = None) -> dict:
     """Base (pretrained or reused) -> SFT -> GRPO -> held-out comparison and plot; returns the figures.
 
     `sft_changes` / `rl_changes` override the stage settings (the tests run the recipe small)."""
@@ -96,27 +96,36 @@ def run_recipe(out_dir: str = "runs/r1", base: str | None = None, time_budget_s:
     if not _stage_done(sft_dir):
         return {"stopped": "sft did not finish", "run_dir": str(out)}
 
-    left = time_budget_s - (time.perf_counter() - t0) - 90  # the final evaluations and the plot
+    # Kept back from GRPO's time limit: one held-out evaluation (when GRPO stops between its own) and
+    # the plot. Measured ~20 s on an idle 2-core CPU and ~100 s with other jobs on it.
+    left = time_budget_s - (time.perf_counter() - t0) - _FINAL_RESERVE_S
     rl_cfg = RLConfig(task=TASK, knobs=KNOBS, init=str(sft_dir / run_state.MODEL_DIR), out_dir=str(rl_dir),
                       seed=seed, time_limit_s=max(60.0, left), **(RL_SETTINGS | (rl_changes or {})))
     _run_stage("rl", rl_dir, RL_CONFIG, lambda: rl(rl_cfg, live=live), lambda d: resume_rl(d, live=live))
 
-    task = get_task(TASK, **KNOBS)
-    figures = {}
-    for stage, run_dir in (("sft", sft_dir), ("rl", rl_dir)):
-        model, tok = load_model_dir(str(run_dir / run_state.MODEL_DIR))
-        report = evaluate(model, tok, task, EvalConfig(problems=final_problems, k=0, max_tokens=rl_cfg.max_tokens,
-                                                       seed=seed), progress=False)
-        figures[f"pass@1_{stage}"] = report["pass@1"]
+    # Before and after on the same held-out problems, greedy: the GRPO run evaluated its starting
+    # (SFT) model and evaluates at every eval_every steps and at its last; only a run stopped between
+    # two evaluations needs one more here.
+    baseline = json.loads((rl_dir / BASELINE).read_text(encoding="utf-8"))
+    rows = run_state.read_metrics(rl_dir)
+    last = rows[-1] if rows else {}
+    if "pass@1" in last:
+        after = last["pass@1"]
+    else:
+        model, tok = load_model_dir(str(rl_dir / run_state.MODEL_DIR))
+        after = evaluate(model, tok, get_task(TASK, **KNOBS), EvalConfig(problems=baseline["problems"], k=0,
+                         max_tokens=rl_cfg.max_tokens, seed=seed), progress=False)["pass@1"]
+    figures = {"pass@1_sft": baseline["pass@1"], "pass@1_rl": after, "rl_steps": last.get("step", 0)}
     png = plot_rl(rl_dir, sft_dir=sft_dir, out=out / "r1.png")
     gain = figures["pass@1_rl"] - figures["pass@1_sft"]
-    figures |= {"problems": final_problems, "gain_points": round(100 * gain, 1), "rl_finished": _stage_done(rl_dir),
+    figures |= {"problems": baseline["problems"], "gain_points": round(100 * gain, 1), "rl_finished": _stage_done(rl_dir),
                 "wall_s": time.perf_counter() - t0, "plot": str(png)}
     run_state.write_json_atomic(out / "r1.json", figures)
     print(f"\nr1 recipe {'finished' if figures['rl_finished'] else 'stopped (run `seekling r1` again to continue)'} "
           f"in {fmt_duration(figures['wall_s'])} this session.\n"
-          f"held-out pass@1 on {final_problems} problems of {TASK} {json.dumps(KNOBS)}: "
-          f"after SFT {figures['pass@1_sft']:.1%}, after GRPO {figures['pass@1_rl']:.1%} ({gain * 100:+.1f} points)\n"
+          f"held-out pass@1 on {figures['problems']} problems of {TASK} {json.dumps(KNOBS)}: "
+          f"after SFT {figures['pass@1_sft']:.1%}, after {figures['rl_steps']} GRPO steps {figures['pass@1_rl']:.1%} "
+          f"({gain * 100:+.1f} points)\n"
           f"plot: {png}; figures: {out / 'r1.json'}\n"
           f"next:\n  seekling chat --model {rl_dir / run_state.MODEL_DIR}\n"
           f"  seekling serve --model {rl_dir / run_state.MODEL_DIR}\n"

@@ -92,6 +92,7 @@ class RLConfig:
     beta: float = 0.0  # KL to the starting model; > 0 keeps a frozen copy of it
     scale_rewards: bool | None = None
     skip_zero_variance_groups: bool = True  # see the module docstring
+    negative_weight: float = 1.0  # weight of negative advantages (grpo.GRPOConfig)
     lr: float = 1e-4
     min_lr_ratio: float = 1.0  # constant after warmup, as most GRPO recipes
     warmup_steps: int = 5
@@ -148,7 +149,8 @@ class RLConfig:
         return GRPOConfig(loss_type=self.loss_type, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
                           beta=self.beta, scale_rewards=self.scale_rewards,
                           skip_zero_variance_groups=self.skip_zero_variance_groups,
-                          max_completion_len=self.max_tokens, temperature=self.temperature)
+                          max_completion_len=self.max_tokens, temperature=self.temperature,
+                          negative_weight=self.negative_weight)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"betas": list(self.betas)}
