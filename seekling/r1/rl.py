@@ -193,8 +193,6 @@ def _fit(cfg: RLConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plot
         _check_init(cfg.init)  # never a preset: fresh weights would earn only zero rewards
     model, tok = model_and_tokenizer(cfg.init, ckpt)
     model.to(device).train()
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}")
     task = get_task(cfg.task, **cfg.knobs)
     gcfg = cfg.grpo
     pool = task.problems("train", cfg.problems, cfg.seed)

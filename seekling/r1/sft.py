@@ -129,16 +129,20 @@ def model_and_tokenizer(init: str, ckpt: Path | None, seed: int = 0):
     """The starting model (fp32 master weights) and its tokenizer: fresh weights of the preset `init`
     (seeded), or the checkpoint directory `init` with its tokenizer (the default one if it has none);
     a resumed run's model is rebuilt from its checkpoint `ckpt` (the weights are loaded later, with
-    the optimizer state)."""
+    the optimizer state). Refuses a tokenizer with more ids than the model's vocabulary."""
     if ckpt is not None:
-        return Transformer(read_config(ckpt)), SeeklingTokenizer.load(ckpt)
-    if init in PRESETS:
+        model, tok = Transformer(read_config(ckpt)), SeeklingTokenizer.load(ckpt)
+    elif init in PRESETS:
         model = Transformer(get_preset(init))
         model.init_weights(seed)
-        return model, load_default_tokenizer()
-    path = Path(init)
-    tok = SeeklingTokenizer.load(path) if (path / "tokenizer.json").is_file() else load_default_tokenizer()
-    return load(path).float(), tok
+        tok = load_default_tokenizer()
+    else:
+        path = Path(init)
+        tok = SeeklingTokenizer.load(path) if (path / "tokenizer.json").is_file() else load_default_tokenizer()
+        model = load(path).float()
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}")
+    return model, tok
 
 
 def _fit(cfg: SFTConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plots) -> dict:
@@ -146,8 +150,6 @@ def _fit(cfg: SFTConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plo
     device = default_device()
     model, tok = model_and_tokenizer(cfg.init, ckpt, cfg.seed)
     model.to(device).train()
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.cfg.vocab_size}")
     task = get_task(cfg.task, **cfg.knobs)
     examples = sft_examples(task, tok, cfg.examples, cfg.seed)
     # The held-out problems evaluation scores (pass@1) also give the held-out loss of their worked solutions.
