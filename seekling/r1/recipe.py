@@ -72,9 +72,12 @@ def run_recipe(out_dir: str = "runs/r1", base: str | None = None, time_budget_s:
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    sft_dir, rl_dir = out / "sft", out / "rl"
     if base is None:
         base_dir = out / "base"
-        if not _stage_done(base_dir):
+        # A base cut short by its time budget is still the one SFT started from: once SFT has begun,
+        # finishing the base on a re-run would cost minutes and change nothing downstream.
+        if not _stage_done(base_dir) and not (sft_dir / SFT_CONFIG).is_file():
             from seekling.train.demo import run_demo  # pretraining pulls in the corpus: only when needed
 
             print("[base] pretraining the tiny preset on the embedded corpus (about 5 minutes)")
@@ -89,7 +92,6 @@ def run_recipe(out_dir: str = "runs/r1", base: str | None = None, time_budget_s:
                                     "runs/demo/model (written by `seekling demo`)")
         print(f"[base] reusing {base_model}")
 
-    sft_dir, rl_dir = out / "sft", out / "rl"
     sft_cfg = SFTConfig(task=TASK, knobs=KNOBS, init=str(base_model), out_dir=str(sft_dir), seed=seed,
                         **(SFT_SETTINGS | (sft_changes or {})))
     _run_stage("sft", sft_dir, SFT_CONFIG, lambda: sft(sft_cfg, live=live), lambda d: resume_sft(d, live=live))
