@@ -4,6 +4,7 @@ unconstrained hyper-connections (the same streams with the Sinkhorn projection o
 
     python bench/bench_mhc.py [--preset tiny] [--hc 4] [--steps 300] [--batch 8] [--seq 256]
                               [--variants baseline,wide,mhc,hc] [--compile] [--out runs/bench-mhc]
+    python bench/bench_mhc.py --overhead [--modes eager-fp32,eager-bf16,compiled-bf16] [--timing-rounds 6]
 
 Every variant trains through seekling's own trainer with the same TrainConfig (same tokens in the same
 order, same schedule, same seed). `baseline` is the preset itself; mHC adds only its mixing projections
@@ -23,6 +24,13 @@ table reports the largest value over tokens at the end, the plot its course.
 `--compile` trains every variant with TrainConfig(compile=True) (one torch.compile graph per step),
 where mHC's small ops are fused; eager runs them op by op. Defaults: ~35 minutes on a 2-core CPU.
 Writes metrics, `mhc.png` and `results.json` under --out.
+
+`--overhead` only prices mHC, with no training run: the preset and the preset with mHC, full training
+steps (seekling's own, train/core.py) taken in alternation (plain, mHC, mHC, plain, ...) in one process,
+for each of eager fp32, eager bf16 autocast and compiled bf16 (`--modes`), and prints the median step
+time of each and mHC's change in tokens/s from the median of the per-round ratios. Times are the
+thread's CPU time at `--threads` 1 (the default): on a shared machine another process's load then
+costs wall time but not the step's own CPU time. ~5 minutes on a 2-core CPU, the compiles included.
 """
 
 import argparse
@@ -37,12 +45,13 @@ import torch
 from seekling.config import ModelConfig
 from seekling.data.dataset import TrainLoader, prepare_tokens
 from seekling.model.mhc import HyperConnection
+from seekling.model.transformer import Transformer
 from seekling.presets import get_preset, with_mhc
 from seekling.stats import model_stats
 from seekling.tokenizer import load_default_tokenizer
 from seekling.train.config import train_preset
 from seekling.train.state import read_metrics
-from seekling.train.trainer import train
+from seekling.train.trainer import pretraining_step, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_moe_vs_dense import interleaved_step_times  # noqa: E402  (one timing loop for every bench)
@@ -77,6 +86,73 @@ def amax_gains(model, x: torch.Tensor) -> tuple[float, float] | None:
     return A.sum(-1).amax().item(), A.sum(-2).amax().item()
 
 
+def _room_for_every_variant() -> None:
+    """Let Dynamo keep compiled frames for every model of one process.
+
+    The models share every forward's code object, so Dynamo keeps one cache of compiled frames per
+    function for all of them: with its default of 8 entries, the mHC model's blocks (compiled after
+    the plain model's, one entry per layer) fell back to eager and its "compiled" steps ran partly
+    uncompiled (measured: -40% against -28% with room for both, bf16).
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+OVERHEAD_MODES = {"eager-fp32": ("float32", False), "eager-bf16": ("bfloat16", False),
+                  "compiled-bf16": ("bfloat16", True), "compiled-fp32": ("float32", True)}
+
+
+def overhead(args) -> dict:
+    """mHC's cost in tokens/s against the plain preset: alternating full training steps, per mode."""
+    torch.set_num_threads(args.threads)
+    base = get_preset(args.preset)
+    cfgs = {"plain": base, "mhc": with_mhc(base, args.hc)}
+    tok = load_default_tokenizer()
+    any_tcfg = train_preset(args.preset, batch_size=args.batch, seq_len=args.seq)
+    data = prepare_tokens(any_tcfg.data, tok, cache_dir=any_tcfg.token_cache_dir).split("train")
+    loader = TrainLoader(data=data, batch_size=args.batch, seq_len=args.seq, seed=0)
+    rows = {}
+    for mode in [m.strip() for m in args.modes.split(",")]:
+        if mode not in OVERHEAD_MODES:
+            raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(OVERHEAD_MODES)}")
+        dtype, compile_ = OVERHEAD_MODES[mode]
+        torch._dynamo.reset()  # each mode compiles afresh (see _room_for_every_variant)
+        _room_for_every_variant()
+        steps = {}
+        for name, cfg in cfgs.items():
+            tcfg = train_preset(args.preset, model=cfg, batch_size=args.batch, seq_len=args.seq, dtype=dtype,
+                                compile=compile_)
+            model = Transformer(cfg)
+            model.init_weights(0)
+            steps[name] = pretraining_step(model, tcfg, getattr(torch, dtype))
+        print(f"{mode}: warming up{' (compiling)' if compile_ else ''} ...", flush=True)
+        for name, step in steps.items():
+            for r in range(2):  # a compiled step compiles its graphs in the first
+                step([loader.batch(r)])
+        cpu = {name: [] for name in steps}
+        wall = {name: [] for name in steps}
+        for r in range(args.timing_rounds):
+            batch = loader.batch(2 + r)
+            for name in (steps if r % 2 == 0 else reversed(steps)):  # plain, mHC, mHC, plain, ...
+                t, c = time.perf_counter(), time.thread_time()
+                steps[name]([batch])
+                cpu[name].append(time.thread_time() - c)
+                wall[name].append(time.perf_counter() - t)
+        ratio = statistics.median(p / m for p, m in zip(cpu["plain"], cpu["mhc"]))
+        wall_ratio = statistics.median(p / m for p, m in zip(wall["plain"], wall["mhc"]))
+        rows[mode] = dict(plain_s=statistics.median(cpu["plain"]), mhc_s=statistics.median(cpu["mhc"]),
+                          change=ratio - 1, wall_change=wall_ratio - 1)
+        print(f"  plain {rows[mode]['plain_s'] * 1e3:.0f} ms, mHC {rows[mode]['mhc_s'] * 1e3:.0f} ms per step: "
+              f"{ratio - 1:+.1%} tokens/s", flush=True)
+    print(f"\n{args.preset} vs {args.preset} + mHC (n = {args.hc}): full training steps of {args.batch}x{args.seq} "
+          f"tokens in alternation, {args.timing_rounds} rounds, {args.threads} thread(s), median\n")
+    print(f"{'mode':<15}{'plain ms/step':>15}{'mHC ms/step':>13}{'tokens/s (CPU)':>16}{'(wall)':>9}")
+    for mode, r in rows.items():
+        print(f"{mode:<15}{r['plain_s'] * 1e3:>15.0f}{r['mhc_s'] * 1e3:>13.0f}{r['change']:>+16.1%}{r['wall_change']:>+9.1%}")
+    print("\ntokens/s: mHC's change against the plain model, the median over rounds of the ratio of the two steps' "
+          "thread CPU times (wall: of their wall times). Target: no worse than -15% (issue 13).")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
@@ -91,8 +167,17 @@ def main():
     ap.add_argument("--timing-rounds", type=int, default=6)
     ap.add_argument("--compile", action="store_true", help="train with TrainConfig(compile=True)")
     ap.add_argument("--out", default="runs/bench-mhc")
+    ap.add_argument("--overhead", action="store_true", help="only time plain vs mHC steps (no training), per mode")
+    ap.add_argument("--modes", default="eager-fp32,eager-bf16,compiled-bf16",
+                    help=f"with --overhead: any of {', '.join(OVERHEAD_MODES)}")
+    ap.add_argument("--threads", type=int, default=1, help="with --overhead: torch threads")
     args = ap.parse_args()
+    if args.overhead:
+        overhead(args)
+        return
 
+    if args.compile:
+        _room_for_every_variant()
     base = get_preset(args.preset)
     mhc = with_mhc(base, args.hc)
     all_variants = {"baseline": base, "wide": wide_baseline(base, model_stats(mhc).active_params), "mhc": mhc,

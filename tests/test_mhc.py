@@ -11,7 +11,9 @@ import seekling
 from seekling.checkpoint import config_to_hf
 from seekling.config import ModelConfig
 from seekling.inference import Engine, EngineConfig, SamplingParams
-from seekling.model.mhc import HyperConnection, HyperHead, _Sinkhorn, hc_write, sinkhorn_reference
+from seekling.model.mhc import (HyperConnection, HyperHead, _Mixes, _mixes_fusable, _Read, _Sinkhorn, _Write,
+                                _write_fusable, hc_write, mixes_reference, read_reference, sinkhorn_reference,
+                                write_reference)
 from seekling.model.transformer import Transformer
 from seekling.train.core import StepConfig, TrainStep, next_token_loss
 from seekling.train.optim import param_groups
@@ -154,6 +156,68 @@ def test_sinkhorn_backward_matches_autograd_of_the_reference(iters):
     c = (torch.rand(3, 2, 4, 4, dtype=torch.float64) + 0.05).requires_grad_()
     torch.testing.assert_close(_Sinkhorn.apply(c, iters, 1e-6), sinkhorn_reference(c, iters, 1e-6), rtol=1e-12, atol=0)
     assert torch.autograd.gradcheck(lambda t: _Sinkhorn.apply(t, iters, 1e-6), (c,))
+
+
+def _residual_op_cases(n: int, dtype: torch.dtype, seed: int = 0):
+    """(fast, reference, args) for the residual ops on random streams of the given dtype: the eager
+    autograd.Functions, and the plain forms torch.compile gets instead."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, D = 2, 3, 8
+
+    def r(*shape, positive=False, dt=dtype):
+        t = torch.rand(shape, generator=g, dtype=torch.float64) + 0.1 if positive else torch.randn(shape, generator=g)
+        return t.to(dt).requires_grad_()
+
+    coef = torch.float64 if dtype == torch.float64 else torch.float32  # fn, w, post, comb stay fp32 beside bf16 streams
+    x, f, fn = r(B, T, n, D), r(B, T, D), r((2 + n) * n, n * D, dt=coef)
+    w, post, comb = (r(*shape, positive=True, dt=coef) for shape in ((B, T, n), (B, T, n), (B, T, n, n)))
+    return [(lambda x, fn: _Mixes.apply(x, fn, 1e-6), lambda x, fn: mixes_reference(x, fn, 1e-6), (x, fn)),
+            (_Read.apply, read_reference, (x, w)),
+            (_Write.apply, write_reference, (x, f, post, comb)),
+            (lambda x, fn: _mixes_fusable(x, fn, 1e-6), lambda x, fn: mixes_reference(x, fn, 1e-6), (x, fn)),
+            (_write_fusable, write_reference, (x, f, post, comb))]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_residual_ops_match_their_references_with_gradients(n):
+    # The hand-written backwards against autograd through the plain forms, and against finite differences, in fp64.
+    for fast, ref, args in _residual_op_cases(n, torch.float64):
+        out = fast(*args)
+        torch.testing.assert_close(out, ref(*args), rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, args, g), torch.autograd.grad(ref(*args), args, g)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert torch.autograd.gradcheck(fast, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_ops_keep_the_dtypes_of_the_plain_forms(dtype):
+    # fp32 streams: equal to the plain forms up to fp32 rounding. bf16 streams (an engine run in bf16):
+    # the same dtypes out and in the gradients, values within bf16 rounding.
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    for fast, ref, args in _residual_op_cases(4, dtype, seed=1):
+        out, want = fast(*args), ref(*args)
+        assert out.dtype == want.dtype
+        torch.testing.assert_close(out, want, **tol)
+        g = torch.randn(out.shape).to(out.dtype)
+        for a, b, arg in zip(torch.autograd.grad(out, args, g), torch.autograd.grad(want, args, g), args):
+            assert a.dtype == arg.dtype
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_stream_arithmetic_stays_fp32_under_bf16_autocast():
+    # As V4 (and as the plain fp32 residual): under bf16 autocast the sublayer input, the coefficients and the
+    # written streams are the fp32 numbers, bit for bit; only the sublayers themselves run in bf16.
+    cfg = ModelConfig(**(TINY | dict(hc_mult=4)))
+    hc = _randomize(HyperConnection(cfg), seed=7)
+    x, f = torch.randn(2, 9, 4, cfg.dim), torch.randn(2, 9, cfg.dim).bfloat16()
+    want = hc(x)
+    want = (*want, hc_write(x, f, want[1], want[2]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hc(x)
+        got = (*got, hc_write(x, f, got[1], got[2]))
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
 
 
 # ---------------------------------------------------------------- hc_mult = 1 is today's model

@@ -28,11 +28,14 @@ hc_sinkhorn_iters = 0 switches the projection off (comb is the row softmax alone
 ablation bench/bench_mhc.py measures. transformers treats 0 like 1 (it always normalises columns
 once), so such a model is seekling-only; its checkpoints say so (model_type seekling_mhc).
 
-Left out: V4's fused TileLang kernels. `hc_read` and `hc_write` are plain functions with no graph
-breaks (the Sinkhorn rounds are one autograd.Function with a fixed loop), so torch.compile fuses them
-into the graph that contains them: the engine's compiled decode step, a compiled training step
-(TrainConfig.compile). Eager, the Sinkhorn is one autograd node and the rest ~20 ops per sublayer,
-but each reads or writes the n-times-wider residual: bench/bench_mhc.py prices that in tokens/s.
+Two forms of the same arithmetic. Eager, each op on the streams (the mixing projection with its RMS
+scale, the read, the write, the Sinkhorn rounds) is one autograd.Function with a hand-written
+backward, held to its plain form (`*_reference`, V4's own expressions) by tests/test_mhc.py, values
+and gradients. Under torch.compile (the engine's compiled decode step, TrainConfig.compile) the plain
+forms go into the graph instead and Inductor fuses them; there are no graph breaks in either.
+Left out: V4's fused TileLang kernels. Eager, the streams are still read and written a dozen times
+per sublayer, n times the plain residual's traffic: bench/bench_mhc.py --overhead prices that in
+tokens/s.
 """
 
 from __future__ import annotations
@@ -42,14 +45,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from seekling.config import ModelConfig
-
-
-def _mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
-    """(B,T,n,D) streams, (M, n*D) projection -> (B,T,M) fp32 mixes of the RMS-normalised flat streams."""
-    flat = x.flatten(2).float()  # (B,T,n*D)
-    # mean(flat^2) as norm^2 / (n*D): one reduction with no (B,T,n*D) temporary, forward or backward.
-    ms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1]
-    return F.linear(flat, fn.float()) * torch.rsqrt(ms + norm_eps)
 
 
 def hc_coefficients(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *,
@@ -70,6 +65,32 @@ def hc_coefficients(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale
     return pre, post, comb
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or fp64 if it is (the tests check gradients in fp64): V4's `.float()` otherwise."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+# ---------------------------------------------------------------- the slow, obvious forms
+# What the autograd.Functions below compute, written as V4 writes it; tests/test_mhc.py holds them
+# to these, values and gradients.
+
+def mixes_reference(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """(B,T,n,D) streams -> (B,T,M) fp32: V4's unweighted RMS norm of the flat streams, then the projection."""
+    flat = _wide(x.flatten(-2))
+    return F.linear(flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps), _wide(fn))
+
+
+def read_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_j w_j x_j over the streams, in fp32 (w fp32), returned in x's dtype: (B,T,n,D), (B,T,n) -> (B,T,D)."""
+    return (w.unsqueeze(-1) * x).sum(dim=-2).to(x.dtype)
+
+
+def write_reference(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """x'_k = post_k f + sum_j comb[j,k] x_j in x's dtype, as DeepseekV4DecoderLayer writes it."""
+    dt = x.dtype
+    return post.to(dt).unsqueeze(-1) * f.to(dt).unsqueeze(-2) + torch.matmul(comb.to(dt).transpose(-1, -2), x)
+
+
 def sinkhorn_reference(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """V4's projection written out plainly: the slow, obvious form `_Sinkhorn` is tested against.
 
@@ -81,6 +102,91 @@ def sinkhorn_reference(comb: torch.Tensor, iters: int, eps: float) -> torch.Tens
         comb = comb / (comb.sum(-1, keepdim=True) + eps)
         comb = comb / (comb.sum(-2, keepdim=True) + eps)
     return comb
+
+
+# ---------------------------------------------------------------- the fast forms
+# Each residual op is one autograd node with a hand-written backward, because autograd through the
+# plain forms is what made mHC expensive on the CPU: a broadcast multiply-and-sum writes an (N,n,D)
+# temporary forward and backward, batched products over matrices that are neither row- nor
+# column-major (a transposed view of Sinkhorn's permuted output) fall back to one small GEMM per
+# token, and a (n,D) @ (D,1) product per token is a slow GEMV where (1,D) @ (D,n) is not. What is
+# left is the arithmetic itself: a (4,4) @ (4,D) product per token runs ~7x slower than a pass over
+# memory, and the streams still get three gradients (projection, read, write) that autograd sums.
+# Measured per op at N = 2048 tokens, n = 4, D = 256, fp32, 1 thread of a 2-core AMD EPYC: one
+# elementwise pass over (N,n,D) 0.3 ms in cache, 0.6-1.2 ms from memory; G_k . f for every k as
+# (n,D) @ (D,1) products 2.3 ms, as multiply-and-sum 0.5 ms, as (1,D) @ (D,n) products 0.27 ms.
+
+class _Mixes(torch.autograd.Function):
+    """`mixes_reference` with the RMS scale applied after the projection (a per-token scalar on M
+    outputs rather than on n*D inputs; equal up to fp32 rounding), and a backward that folds the
+    scale's gradient into the input gradient in place."""
+
+    @staticmethod
+    def forward(ctx, x, fn, eps: float):
+        flat = _wide(x.flatten(-2))  # (..., n*D)
+        # mean(flat^2) as norm^2 / K: one reduction with no (..., K) temporary.
+        r = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1] + eps)
+        raw = F.linear(flat, _wide(fn))  # (..., M)
+        ctx.save_for_backward(x, fn, r, raw)
+        return raw * r
+
+    @staticmethod
+    def backward(ctx, g):
+        x, fn, r, raw = ctx.saved_tensors
+        flat = _wide(x.flatten(-2))
+        g_raw = g * r
+        gx = gfn = None
+        if ctx.needs_input_grad[0]:
+            # d r / d flat = -r^3 flat / K
+            coef = (g * raw).sum(-1, keepdim=True) * r.pow(3) / -flat.shape[-1]
+            gx = (g_raw @ _wide(fn)).addcmul_(flat, coef).unflatten(-1, x.shape[-2:]).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            gfn = (g_raw.flatten(0, -2).t() @ flat.flatten(0, -2)).to(fn.dtype)
+        return gx, gfn, None
+
+
+class _Read(torch.autograd.Function):
+    """`read_reference`: y = sum_j w_j x_j as a (1,n) @ (n,D) product per token (0.3 ms forward; the
+    broadcast form writes an (N,n,D) temporary), gradients as an outer product and a (1,D) @ (D,n) product."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return (w.unsqueeze(-2) @ _wide(x)).squeeze(-2).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        gy = _wide(gy).unsqueeze(-2)  # (..., 1, D)
+        gx = (w.unsqueeze(-1) * gy).to(x.dtype) if ctx.needs_input_grad[0] else None
+        gw = (gy @ _wide(x).transpose(-1, -2)).squeeze(-2).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
+class _Write(torch.autograd.Function):
+    """`write_reference` as one node: the mix as a batched product on contiguous comb^T, post f added
+    in place; backward comb @ G, x @ G^T, f @ G^T and post @ G. Every operand is a row- or
+    column-major matrix per token (Sinkhorn's comb is neither, hence the copies of comb^T and comb)."""
+
+    @staticmethod
+    def forward(ctx, x, f, post, comb):
+        dt = x.dtype
+        post_, f_ = post.to(dt), f.to(dt)
+        comb_t = comb.to(dt).transpose(-1, -2).contiguous()
+        ctx.save_for_backward(x, f_, post_, comb_t)
+        ctx.dtypes = f.dtype, post.dtype, comb.dtype
+        return torch.matmul(comb_t, x).addcmul_(post_.unsqueeze(-1), f_.unsqueeze(-2))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, f, post, comb_t = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = g.contiguous()
+        gx = torch.matmul(comb_t.transpose(-1, -2).contiguous(), g) if need[0] else None  # sum_k comb[j,k] G_k
+        gf = (post.unsqueeze(-2) @ g).squeeze(-2).to(ctx.dtypes[0]) if need[1] else None  # sum_k post_k G_k
+        gpost = (f.unsqueeze(-2) @ g.transpose(-1, -2)).squeeze(-2).to(ctx.dtypes[1]) if need[2] else None  # f . G_k
+        gcomb = (x @ g.transpose(-1, -2)).to(ctx.dtypes[2]) if need[3] else None  # [j,k] = x_j . G_k
+        return gx, gf, gpost, gcomb
 
 
 class _Sinkhorn(torch.autograd.Function):
@@ -118,25 +224,44 @@ class _Sinkhorn(torch.autograd.Function):
         return g.permute(2, 0, 1).reshape(shape), None, None
 
 
+# torch.compile gets the plain forms instead: Inductor fuses their broadcasts and reductions (and the
+# backward it derives) into loops that read each stream once, where the batched products above would
+# stay separate library calls; it has no use for a hand-written backward.
+
+def _mixes_fusable(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """`_Mixes`'s forward in plain ops."""
+    flat = _wide(x.flatten(-2))
+    return F.linear(flat, _wide(fn)) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
+
+
+def _write_fusable(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """`write_reference` with the mix as a broadcast product summed over j, which Inductor fuses."""
+    dt = x.dtype
+    mix = (comb.to(dt).unsqueeze(-1) * x.unsqueeze(-2)).sum(-3)  # (..., j, k, D) summed over j, never stored
+    return post.to(dt).unsqueeze(-1) * f.to(dt).unsqueeze(-2) + mix
+
+
+def _mixes(x, fn, eps):
+    return _mixes_fusable(x, fn, eps) if torch.compiler.is_compiling() else _Mixes.apply(x, fn, eps)
+
+
+def _read(x, w):
+    return read_reference(x, w) if torch.compiler.is_compiling() else _Read.apply(x, w)
+
+
 def hc_read(x: torch.Tensor, fn, base, scale, *, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
     """Streams x (B,T,n,D) -> the sublayer's input y (B,T,D) and the (post, comb) that `hc_write` needs."""
     pre, post, comb = hc_coefficients(x, fn, base, scale, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps,
                                       norm_eps=norm_eps)
-    # Summed in fp32, as V4. A (1, n) @ (n, D) product per token rather than multiply-and-sum:
-    # measured fwd+bwd 4.1 ms against 5.3 (2040 tokens, n = 4, D = 256, 1 thread, AMD EPYC).
-    y = (pre.unsqueeze(-2) @ x.float()).squeeze(-2).to(x.dtype)
-    return y, post, comb
+    with torch.autocast(x.device.type, enabled=False):  # summed in fp32, as V4, even under bf16 autocast
+        return _read(x, pre), post, comb
 
 
 def hc_write(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """x'_k = post_k f + sum_j comb[j,k] x_j: streams x (B,T,n,D), sublayer output f (B,T,D) -> (B,T,n,D)."""
-    dt = x.dtype
     # Autocast off: it would run the mixing matmul in bf16 and round the whole residual every sublayer.
     with torch.autocast(x.device.type, enabled=False):
-        # comb^T made contiguous first: a batched product over strided 4x4 matrices took 30 ms fwd+bwd
-        # against 10.5 (2040 tokens, n = 4, D = 256, 1 thread, AMD EPYC), its backward copying matrix by matrix.
-        mix = comb.to(dt).transpose(-1, -2).contiguous() @ x  # (B,T,n,D): mix_k = sum_j comb[j,k] x_j
-        return post.to(dt).unsqueeze(-1) * f.to(dt).unsqueeze(-2) + mix
+        return _write_fusable(x, f, post, comb) if torch.compiler.is_compiling() else _Write.apply(x, f, post, comb)
 
 
 def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -182,4 +307,4 @@ class HyperHead(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             w = torch.sigmoid(_mixes(x, self.hc_fn, self.norm_eps) * self.hc_scale.float()
                               + self.hc_base.float()) + self.hc_eps
-            return (w.unsqueeze(-1) * x).sum(dim=2).to(x.dtype)
+            return _read(x, w)
