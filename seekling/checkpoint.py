@@ -14,6 +14,13 @@ them: `model.layers.N.attn_hc.{fn,base,scale}`, `model.layers.N.ffn_hc.*`,
 for itself (seekling/hf_remote/, named by config.json's auto_map), so transformers loads it with
 trust_remote_code=True and refuses it without. With hc_mult = 1 nothing of this is written.
 
+A model with Engram (cfg.engram.layers, model/engram.py) is no DeepSeek-V3 model either: config.json
+says model_type "seekling_engram" and holds the EngramConfig as `engram` (and mHC's fields too when it
+also has streams). Its tensors are `model.engram_vocab.compress` (the compressed-id map, int64) and
+`model.layers.{i}.engram.*` (table, projections, norms, conv, and the hash multipliers, int64).
+transformers has no code for it, so none is shipped and no auto_map written: transformers refuses it
+by its model_type, and so does every seekling path that expects deepseek_v3 or seekling_mhc.
+
 All renaming between our module names (DeepSeek's reference vocabulary) and the Hugging Face names
 lives in the two tables below. Only safetensors are read: nothing is ever unpickled.
 Left out: FP8 block-quantized checkpoints (DeepSeek's own release) - dequantize them first.
@@ -21,6 +28,7 @@ Left out: FP8 block-quantized checkpoints (DeepSeek's own release) - dequantize 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -91,12 +99,17 @@ BLOCK_KEY_MAP = {
     "ffn.experts.w2": None,
     # mHC (hc_mult > 1): DeepSeek-V4's names, which are ours too
     **{f"{site}_hc.{p}": f"{site}_hc.{p}" for site in ("attn", "ffn") for p in ("fn", "base", "scale")},
+    # Engram (cfg.engram.layers): our names, under the block
+    **{f"engram.{p}": f"engram.{p}" for p in (
+        "multipliers", "table.weight", "value_proj.weight", "value_proj.bias", "key_proj.weight", "key_proj.bias",
+        "key_norm.weight", "query_norm.weight", "conv_norm.weight", "conv.weight")},
 }
 _HC_HEAD = {f"hc_head.{p}": f"hc_head.{p}" for p in ("hc_fn", "hc_base", "hc_scale")}
 MTP_KEY_MAP = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
                "eh_proj.weight": "eh_proj.weight", "norm.weight": "shared_head.norm.weight", **_HC_HEAD}
 TOP_KEY_MAP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-               "head.weight": "lm_head.weight", **{k: f"model.{v}" for k, v in _HC_HEAD.items()}}
+               "head.weight": "lm_head.weight", **{k: f"model.{v}" for k, v in _HC_HEAD.items()},
+               "engram_vocab.compress": "model.engram_vocab.compress"}
 # DeepSeek's MTP layers also carry copies of the shared embedding and head; written for vLLM/SGLang.
 MTP_SHARED_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
 
@@ -106,6 +119,8 @@ _NULLABLE_IDS = ("bos_token_id", "eos_token_id")
 
 MHC_MODEL_TYPE = "seekling_mhc"
 MHC_FIELDS = ("hc_mult", "hc_sinkhorn_iters", "hc_eps")  # same names in config.json as in ModelConfig
+ENGRAM_MODEL_TYPE = "seekling_engram"
+SEEKLING_MODEL_TYPES = ("deepseek_v3", MHC_MODEL_TYPE, ENGRAM_MODEL_TYPE)
 # transformers' code for mHC checkpoints (seekling/hf_remote/), copied into each one; config.json's
 # auto_map points AutoConfig / AutoModel(ForCausalLM) at it, for trust_remote_code=True.
 REMOTE_CODE = Path(__file__).parent / "hf_remote"
@@ -123,7 +138,11 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     d = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
-    if cfg.has_mhc:
+    if cfg.has_engram:  # with or without mHC; no transformers code, so no auto_map
+        d = {"architectures": ["SeeklingEngramForCausalLM"], "model_type": ENGRAM_MODEL_TYPE,
+             "engram": dataclasses.asdict(cfg.engram)}
+        d.update({f: getattr(cfg, f) for f in MHC_FIELDS})
+    elif cfg.has_mhc:
         d = {"architectures": ["SeeklingMHCForCausalLM"], "model_type": MHC_MODEL_TYPE, "auto_map": dict(_AUTO_MAP)}
         d.update({f: getattr(cfg, f) for f in MHC_FIELDS})
     for ours, theirs in CONFIG_MAP.items():
@@ -151,10 +170,16 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
         raise ValueError(f"{source}: {field} {msg}")
 
     model_type = d.get("model_type")
-    if model_type not in ("deepseek_v3", MHC_MODEL_TYPE):
+    if model_type not in SEEKLING_MODEL_TYPES:
         bad("model_type", f"is {model_type!r}; seekling loads DeepSeek-V3-layout checkpoints (model_type 'deepseek_v3') "
-            f"and its own mHC variant of them ('{MHC_MODEL_TYPE}')"
+            f"and its own mHC and Engram variants of them ('{MHC_MODEL_TYPE}', '{ENGRAM_MODEL_TYPE}')"
             + ("; DeepSeek-V4's compressed and hash-routed attention is not implemented here" if model_type == "deepseek_v4" else ""))
+    if model_type != ENGRAM_MODEL_TYPE and d.get("engram"):
+        bad("engram", f"is set but model_type is {model_type!r}, which has no Engram layers; an Engram checkpoint "
+            f"says model_type '{ENGRAM_MODEL_TYPE}' (re-save it with seekling.save)")
+    if model_type == ENGRAM_MODEL_TYPE and not (isinstance(d.get("engram"), dict) and d["engram"].get("layers")):
+        bad("engram", f"is {d.get('engram')!r}; model_type '{ENGRAM_MODEL_TYPE}' needs the Engram settings with at least "
+            "one layer; a model without Engram says model_type 'deepseek_v3'")
     if model_type == "deepseek_v3" and d.get("hc_mult", 1) != 1:
         bad("hc_mult", f"is {d['hc_mult']!r} but model_type is 'deepseek_v3', which has no hyper-connections; "
             f"an mHC checkpoint says model_type '{MHC_MODEL_TYPE}' (re-save it with seekling.save)")
@@ -176,8 +201,10 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
             kwargs[ours] = d[theirs]
     for key in ("n_expert_groups", "n_limited_groups"):
         kwargs.setdefault(key, 1)
-    if model_type == MHC_MODEL_TYPE:
+    if model_type in (MHC_MODEL_TYPE, ENGRAM_MODEL_TYPE):
         kwargs.update({f: d[f] for f in MHC_FIELDS if d.get(f) is not None})
+    if model_type == ENGRAM_MODEL_TYPE:
+        kwargs["engram"] = d["engram"]
     kwargs.update(_rope_from_hf(d, source))
     try:
         return ModelConfig(**kwargs)
@@ -273,7 +300,7 @@ def save(model, path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.d
     path.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state_dict(model)
     if dtype is not None:
-        tensors = {k: (v if keeps_fp32(k) else v.to(dtype)) for k, v in tensors.items()}
+        tensors = {k: (v if keeps_fp32(k) or not v.is_floating_point() else v.to(dtype)) for k, v in tensors.items()}
     # safetensors wants contiguous tensors that own no shared storage.
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
     weight_dtype = next(v.dtype for k, v in tensors.items() if k.endswith("embed_tokens.weight"))
@@ -310,7 +337,7 @@ def save(model, path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.d
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos if len(eos) > 1 else (eos[0] if eos else None),
            "do_sample": False}
     _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2))
-    if cfg.has_mhc:
+    if cfg.has_mhc and not cfg.has_engram:
         for name in REMOTE_CODE_FILES:
             _atomic_write_text(path / name, (REMOTE_CODE / name).read_text().rstrip("\n"))
     _atomic_write_text(path / "config.json", json.dumps(config_to_hf(cfg, weight_dtype), indent=2, sort_keys=True))
@@ -418,13 +445,20 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
     with torch.device("meta"):
         model = Transformer(cfg)
     _check_mhc_tensors(hf, cfg, path)
+    _check_engram_tensors(hf, cfg, path)
     ours = from_hf_state_dict(hf, cfg, model.state_dict(), str(path))
     if dtype is None:
         dtype = ours["embed.weight"].dtype
-    ours = {k: (v.float() if keeps_fp32(k) else v.to(dtype)) for k, v in ours.items()}
+    # Integer tensors (Engram's id map and hash multipliers) keep their dtype.
+    ours = {k: (v if not v.is_floating_point() else v.float() if keeps_fp32(k) else v.to(dtype))
+            for k, v in ours.items()}
     model.load_state_dict(ours, assign=True)
-    # The rope buffer is not in the checkpoint (non-persistent) and was built on the meta device.
+    # The rope buffer is not in the checkpoint (non-persistent) and was built on the meta device;
+    # so were Engram's primes and offsets.
     model.rope.inv_freq = rope_inv_freq(cfg)[0]
+    for layer in model.layers:
+        if layer.engram is not None:
+            layer.engram.reset_index_buffers()
     return model.to(device).eval()
 
 
@@ -444,6 +478,18 @@ def _check_mhc_tensors(hf: dict, cfg: ModelConfig, path) -> None:
     if cfg.has_mhc and not has_hc:
         raise ValueError(f"{path}: config.json says model_type '{MHC_MODEL_TYPE}' with hc_mult {cfg.hc_mult} but the weights "
                          "hold no mHC tensors (attn_hc / ffn_hc / hc_head); config.json and the safetensors files do not match")
+
+
+def _check_engram_tensors(hf: dict, cfg: ModelConfig, path) -> None:
+    """Name the mismatch when Engram weights meet a config without Engram or the reverse."""
+    has = any(".engram." in k or k.startswith("model.engram_vocab.") for k in hf)
+    if has and not cfg.has_engram:
+        raise ValueError(f"{path}: the weights hold Engram tensors (engram_vocab / layers.N.engram) but config.json "
+                         f"describes a model without Engram; an Engram checkpoint says model_type '{ENGRAM_MODEL_TYPE}' "
+                         "with its engram settings: restore the config.json that was saved with these weights")
+    if cfg.has_engram and not has:
+        raise ValueError(f"{path}: config.json says model_type '{ENGRAM_MODEL_TYPE}' but the weights hold no Engram "
+                         "tensors; config.json and the safetensors files do not match")
 
 
 def from_hf_state_dict(hf: dict, cfg: ModelConfig, expected: dict, source: str) -> dict:

@@ -53,8 +53,13 @@ def cmd_info(args) -> None:
          if cfg.has_moe else "-"),
         ("residual", f"mHC: {cfg.hc_mult} streams, Sinkhorn {cfg.hc_sinkhorn_iters} rounds, eps {cfg.hc_eps:g}"
          if cfg.has_mhc else "plain (one stream)"),
-        ("parameters, total", f"{_human(s.total_params)} ({s.total_params:,}; MTP {_human(s.mtp_params)})"),
-        ("parameters, active per token", f"{_human(s.active_params)} ({100 * s.active_params / (s.total_params - s.mtp_params):.1f}% of the main model)"),
+        ("engram", f"layers {', '.join(map(str, e.layers))}: orders 2..{e.max_ngram}, {e.n_heads} heads each, "
+                   f"rows >= {e.head_rows} per head, width {e.embed_dim}, conv {e.kernel_size} (dilation {e.conv_dilation})"
+         if (e := cfg.engram).enabled else "none"),
+        ("parameters, total", f"{_human(s.total_params)} ({s.total_params:,}; MTP {_human(s.mtp_params)}"
+                              + (f"; Engram tables {_human(s.table_params)}" if s.table_params else "") + ")"),
+        ("parameters, active per token", f"{_human(s.active_params)} ({100 * s.active_params / (s.total_params - s.mtp_params):.1f}% of the main model"
+                                         + ("; Engram tables are looked up, not active" if s.table_params else "") + ")"),
         (f"FLOPs per token (forward, ctx {s.context})", _human(s.flops_per_token, "FLOP")),
         ("KV cache per token (bf16)", f"{_human(s.kv_latent_bytes_per_token, 'B')} latent vs {_human(s.kv_full_bytes_per_token, 'B')} "
                                       f"full K/V ({s.kv_full_bytes_per_token / s.kv_latent_bytes_per_token:.1f}x smaller)"),
@@ -217,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     tr = sub.add_parser("train", help="pretrain a preset on the embedded corpus or --data; --resume RUN continues")
-    tr.add_argument("--preset", default="tiny", help="tiny, small, gpu_100m, gpu_1b, tiny_mhc (default tiny)")
+    tr.add_argument("--preset", default="tiny", help="tiny, small, gpu_100m, gpu_1b, tiny_mhc, tiny_engram (default tiny)")
     tr.add_argument("--resume", metavar="RUN", default=None, help="continue RUN from its last checkpoint, bit-exactly")
     tr.add_argument("--data", default=None, metavar="PATH", help=".txt/.md/.jsonl file or directory (default: embedded corpus)")
     tr.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/<preset>)")

@@ -3,6 +3,9 @@
 Field names follow DeepSeek-V3's reference `ModelArgs` (dim, inter_dim, n_routed_experts, ...).
 The renaming to Hugging Face's `DeepseekV3Config` lives in one table in `seekling/checkpoint.py`.
 Presets live in `seekling/presets.py`.
+
+Engram's options are one nested EngramConfig (seekling/model/engram.py, where the mechanism and its
+validation live); its default has no layers, so a model without Engram is today's, bit for bit.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from seekling.model.engram import EngramConfig
 from seekling.validate import checker
 
 
@@ -59,6 +63,9 @@ class ModelConfig:
     hc_mult: int = 1
     hc_sinkhorn_iters: int = 20  # Sinkhorn-Knopp rounds on each comb matrix; 0 switches the projection off
     hc_eps: float = 1e-6
+    # Engram hashed n-gram memory (arXiv 2601.07372; seekling/model/engram.py) at engram.layers, before
+    # attention. A dict (from JSON) is turned into an EngramConfig.
+    engram: EngramConfig = EngramConfig()
     initializer_range: float = 0.02
     bos_token_id: int | None = 0
     # One id, several (a checkpoint's config.json may list them; every one ends a generation), or
@@ -113,6 +120,16 @@ class ModelConfig:
         need(isinstance(self.hc_eps, (int, float)) and not isinstance(self.hc_eps, bool)
              and 0 <= self.hc_eps < 1e-2, "hc_eps",
              f"must be a small non-negative number (DeepSeek-V4 uses 1e-6), got {self.hc_eps!r}")
+        if isinstance(self.engram, dict):  # as a saved TrainConfig or config.json gives it
+            object.__setattr__(self, "engram", EngramConfig(**self.engram))
+        need(isinstance(self.engram, EngramConfig), "engram",
+             f"must be an EngramConfig (or a dict of its fields), got {type(self.engram).__name__}")
+        if self.has_engram:
+            need(max(self.engram.layers) < self.n_layers, "engram",
+                 f"layers {self.engram.layers} must be block indices below n_layers ({self.n_layers})")
+            need(self.engram.pad_id < self.vocab_size, "engram",
+                 f"pad_id {self.engram.pad_id} is outside the vocabulary (size {self.vocab_size}); "
+                 "set it to the tokenizer's pad id")
         if isinstance(self.eos_token_id, list):  # as JSON (config.json, a saved TrainConfig) gives it
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         need(not isinstance(self.eos_token_id, tuple) or len(self.eos_token_id) > 0, "eos_token_id",
@@ -141,6 +158,11 @@ class ModelConfig:
     def has_mhc(self) -> bool:
         """Whether the residual is hc_mult > 1 mHC streams (seekling/model/mhc.py) rather than one plain stream."""
         return self.hc_mult > 1
+
+    @property
+    def has_engram(self) -> bool:
+        """Whether some blocks carry an Engram (seekling/model/engram.py)."""
+        return self.engram.enabled
 
     @property
     def qk_head_dim(self) -> int:

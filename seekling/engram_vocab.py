@@ -66,6 +66,14 @@ class CompressedVocab:
         """Fraction of ids merged away (the paper's 23% on DeepSeek-V3's 128k vocabulary)."""
         return 1.0 - self.n_compressed / self.vocab_size
 
+    def padded(self, vocab_size: int) -> tuple[int, ...]:
+        """The map for a model whose id space is larger than the tokenizer's (vocab_size rounded up):
+        the ids past the tokenizer's never come out of it, and each gets an id of its own."""
+        if vocab_size < self.vocab_size:
+            raise ValueError(f"the model's vocab_size ({vocab_size}) is smaller than the tokenizer's ({self.vocab_size})")
+        extra = vocab_size - self.vocab_size
+        return self.compress + tuple(range(self.n_compressed, self.n_compressed + extra))
+
     def summary(self) -> str:
         return (f"compressed vocabulary: {self.vocab_size} -> {self.n_compressed} ids "
                 f"({100 * self.reduction:.1f}% fewer)")
@@ -95,3 +103,15 @@ def build_compressed_vocab(tokenizer) -> CompressedVocab:
     for i in range(V):
         compress.append(first.setdefault(token_key(tokenizer, i), len(first)))
     return CompressedVocab(tuple(compress), len(first), tuple(first))
+
+
+def install_engram_vocab(model, tokenizer) -> None:
+    """Give a fresh Engram model (seekling Transformer) the tokenizer's compressed-id map; it is saved with
+    the model, so only a run that starts from fresh weights (pretraining, SFT from a preset) calls this."""
+    eng = model.cfg.engram
+    if eng.pad_id != tokenizer.pad_id:
+        raise ValueError(f"ModelConfig.engram: pad_id is {eng.pad_id} but the tokenizer's pad id is "
+                         f"{tokenizer.pad_id}; set engram pad_id={tokenizer.pad_id}")
+    cv = build_compressed_vocab(tokenizer)
+    model.engram_vocab.load_map(cv.padded(model.cfg.vocab_size))
+    print(f"engram: {cv.summary()}")

@@ -3,10 +3,12 @@
 `tiny` is the laptop demo, `small` about an hour of CPU training; `gpu_100m` and `gpu_1b` are
 sized for one or a few GPUs. `tiny_mhc` is `tiny` with DeepSeek-V4's manifold-constrained
 hyper-connections (4 residual streams); any preset takes them with `with_mhc(preset())`, or
-`cfg.replace(hc_mult=4)`. Parameter counts are printed by `seekling info PRESET`.
+`cfg.replace(hc_mult=4)`. `tiny_engram` is `tiny` with Engram hashed n-gram memory at two blocks
+(`with_engram(preset())` for any preset). Parameter counts are printed by `seekling info PRESET`.
 """
 
 from seekling.config import ModelConfig
+from seekling.model.engram import EngramConfig
 
 
 def tiny() -> ModelConfig:
@@ -52,7 +54,25 @@ def tiny_mhc() -> ModelConfig:
     return with_mhc(tiny())
 
 
-PRESETS = {"tiny": tiny, "small": small, "gpu_100m": gpu_100m, "gpu_1b": gpu_1b, "tiny_mhc": tiny_mhc}
+def with_engram(cfg: ModelConfig, layers: tuple[int, ...] | None = None, **options) -> ModelConfig:
+    """The same model with Engram: orders 2..3, 8 heads per order, kernel 4 (the demo's), at blocks 1 and
+    about two thirds of the depth (the demo: 1 and 15 of 30), and one head's table 5x the vocabulary
+    (the demo's size). The embedding width is scaled to the model: 128 for tiny (the demo: 512 for 2560-wide)."""
+    if layers is None:
+        layers = tuple(sorted({min(1, cfg.n_layers - 1), (2 * cfg.n_layers) // 3}))
+    fields = dict(layers=layers, max_ngram=3, n_heads=8, head_rows=5 * cfg.vocab_size,
+                  embed_dim=max(64, cfg.dim // 2), kernel_size=4, seed=0, pad_id=2) | options
+    return cfg.replace(engram=EngramConfig(**fields))
+
+
+def tiny_engram() -> ModelConfig:
+    # +10.6M table parameters (two layers of 16 heads of ~20.5k rows x 16), +0.27M active (projections,
+    # norms, conv): `seekling info tiny_engram`.
+    return with_engram(tiny())
+
+
+PRESETS = {"tiny": tiny, "small": small, "gpu_100m": gpu_100m, "gpu_1b": gpu_1b, "tiny_mhc": tiny_mhc,
+           "tiny_engram": tiny_engram}
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -12,12 +12,17 @@ reads what it needs from them:
     killed   2 processes, rank 1 SIGKILLed inside the step-4 save (ckpt_every 2)      (slow)
     revived  2 processes resuming `killed` from its last complete checkpoint (step 2) (slow)
 
-Each run is made on first use, so the default suite (no slow tests) makes only the first four.
+and the same for a micro Engram model (replicated tables, sparse gradients, RowSparseAdam), 4 steps:
+
+    engram ref, dp2, ep2 (stopped at step 2), ep2->1 (resumed to step 4), one->2  (the last slow)
+
+Each run is made on first use, so the default suite (no slow tests) makes only the first four of each.
 
 Tolerances: the ranks' mean of per-rank losses and FSDP's reduce-scatter sum in another order
 than one process does, so 2-process numbers match 1-process ones to float rounding (measured:
 |diff| <= 5e-7 on losses, 3e-5 relative on gradient norms, over 5 steps), not bit for bit;
-1e-4 relative leaves room across CPUs.
+1e-4 relative leaves room across CPUs. The Engram tables' gradients are summed across ranks in
+another order too (measured: losses to 5e-7, gradient norms to 1.2e-5 relative, final tables to 7e-8).
 """
 
 import dataclasses
@@ -30,14 +35,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from seekling.checkpoint import load
-from seekling.presets import tiny
+from seekling.model.engram import table_parameters
+from seekling.presets import tiny, with_engram
 from seekling.train import state as run_state
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_worker.py"
 STEPS = 5
+ENGRAM_STEPS = 4
 
 
 def micro_model():
@@ -45,6 +53,12 @@ def micro_model():
     return tiny().replace(dim=64, n_layers=2, inter_dim=128, n_heads=2, kv_lora_rank=32, qk_nope_head_dim=16,
                           qk_rope_head_dim=8, v_head_dim=16, moe_inter_dim=32, n_routed_experts=8,
                           n_activated_experts=2, max_seq_len=64)
+
+
+def micro_engram_model():
+    # Engram at both layers: two tables, which the gradient gathers concatenate. Heads of ~61 rows, so
+    # the two ranks' halves of a batch share many rows and their gradients really add up.
+    return with_engram(micro_model(), layers=(0, 1), n_heads=2, head_rows=61, embed_dim=16)
 
 
 def launch(tmp: Path, name: str, cfg: dict, nproc: int, timeout: float = 240, **spec) -> subprocess.CompletedProcess:
@@ -128,6 +142,40 @@ class Runs:
             ok(launch(self.tmp, "one-resume", self.cfg("one"), 2, resume=True, ep=2))
             return self.tmp / "one"
         return self._once("one_to_two", make)
+
+    def engram_cfg(self, name: str) -> dict:
+        return self.cfg(name, model=dataclasses.asdict(micro_engram_model()), max_steps=ENGRAM_STEPS)
+
+    def engram_ref(self) -> Path:  # tokenizes into the shared cache too, if ref() has not
+        return self._once("engram-ref", lambda: ok(launch(self.tmp, "engram-ref", self.engram_cfg("engram-ref"), 1))
+                          and self.tmp / "engram-ref")
+
+    def engram_dp2(self) -> Path:
+        self.engram_ref()
+        return self._once("engram-dp2", lambda: ok(launch(self.tmp, "engram-dp2", self.engram_cfg("engram-dp2"), 2))
+                          and self.tmp / "engram-dp2")
+
+    def engram_ep2(self) -> dict[int, float]:
+        """The Engram ep-2 run's losses when it stopped at step 2 (its directory then goes on to step 4)."""
+        self.engram_ref()
+        return self._once("engram-ep2", lambda: ok(launch(self.tmp, "engram-ep2", self.engram_cfg("engram-ep2"), 2,
+                                                          ep=2, stop_at=2)) and losses(self.tmp / "engram-ep2"))
+
+    def engram_ep2_resumed_at_1(self) -> Path:
+        self.engram_ep2()
+        return self._once("engram-ep2-resume", lambda: ok(launch(self.tmp, "engram-ep2-resume",
+                                                                 self.engram_cfg("engram-ep2"), 1, resume=True))
+                          and self.tmp / "engram-ep2")
+
+    def engram_one_to_two(self) -> Path:
+        """A single-process Engram run stopped at step 2, resumed by 2 processes with ep 2 to step 4."""
+        self.engram_ref()
+
+        def make():
+            ok(launch(self.tmp, "engram-one", self.engram_cfg("engram-one"), 1, stop_at=2))
+            ok(launch(self.tmp, "engram-one-resume", self.engram_cfg("engram-one"), 2, resume=True, ep=2))
+            return self.tmp / "engram-one"
+        return self._once("engram_one_to_two", make)
 
     def killed(self) -> dict:
         self.ref()
@@ -222,6 +270,63 @@ def test_rank_killed_mid_save_leaves_the_last_checkpoint_resumable(runs):
     revived = losses(runs.revived())
     assert sorted(revived) == list(range(1, STEPS + 1))
     close(losses(runs.ref()), revived, range(1, STEPS + 1))
+
+
+def tables_equal_across_ranks(run: Path, steps) -> None:
+    digests = [(run / f"tables-r0-s{s}.txt").read_text() for s in steps]
+    assert digests == [(run / f"tables-r1-s{s}.txt").read_text() for s in steps], run
+    assert len(set(digests)) == len(digests)  # the tables moved at every step: frozen equal tables prove nothing
+
+
+def final_tables(run: Path) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in table_parameters(load(run / "model"))}
+
+
+def test_engram_two_processes_follow_the_one_process_curve(runs):
+    ref, dp2, ep2 = runs.engram_ref(), runs.engram_dp2(), runs.engram_ep2()
+    steps = range(1, ENGRAM_STEPS + 1)
+    assert losses(ref)[ENGRAM_STEPS] < losses(ref)[1] - 0.05
+    close(losses(ref), losses(dp2), steps)
+    close(losses(ref), ep2, [1, 2])
+    # the tables' share of the global norm: summed instead of averaged over ranks, or counted once
+    # per rank, it shows here (Adam would forgive it in the loss)
+    close(losses(ref, "grad_norm"), losses(dp2, "grad_norm"), steps)
+    close(losses(ref, "grad_norm"), losses(runs.tmp / "engram-ep2", "grad_norm"), [1, 2])
+    tables_equal_across_ranks(dp2, steps)  # every rank applied the same row updates
+    tables_equal_across_ranks(runs.tmp / "engram-ep2", [1, 2])
+    # rank 0's export holds the tables, those of one process with the whole batch
+    ours, theirs = final_tables(dp2), final_tables(ref)
+    assert len(theirs) == 2 and set(ours) == set(theirs)
+    for name, t in theirs.items():
+        torch.testing.assert_close(ours[name], t, rtol=0, atol=1e-6, msg=name)
+
+
+def test_engram_checkpoint_resumes_at_one_process_on_the_same_curve(runs):
+    run = runs.engram_ep2_resumed_at_1()  # steps 1-2 at 2 processes with ep 2, 3-4 at 1 process
+    ref = runs.engram_ref()
+    close(losses(ref), losses(run), range(1, ENGRAM_STEPS + 1))
+    # the tables' RowSparseAdam moments and step came through DCP: the resumed run ends with those of
+    # the uninterrupted one (both final checkpoints are single-process ones, keyed by name)
+    ours = load_file(str(run / f"ckpt-{ENGRAM_STEPS:06d}" / "train_state.safetensors"))
+    theirs = load_file(str(ref / f"ckpt-{ENGRAM_STEPS:06d}" / "train_state.safetensors"))
+    keys = sorted(k for k in theirs if ".engram.table.weight." in k)
+    assert len(keys) == 6 and set(keys) <= set(ours)  # exp_avg, exp_avg_sq, step for each of two tables
+    for k in keys:  # against the largest moment: elementwise, a near-cancelled moment is all rounding
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-3 * theirs[k].abs().max().item(), msg=k)
+    assert theirs[keys[-1]].item() == ENGRAM_STEPS  # the step counters ran on through the resume
+    resumed = final_tables(run)
+    for name, t in final_tables(ref).items():
+        torch.testing.assert_close(resumed[name], t, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_engram_single_process_checkpoint_resumes_at_two_processes(runs):
+    run = runs.engram_one_to_two()  # the tables' state from train_state.safetensors, whole on every rank
+    close(losses(runs.engram_ref()), losses(run), range(1, ENGRAM_STEPS + 1))
+    tables_equal_across_ranks(run, [3, 4])
+    resumed = final_tables(run)
+    for name, t in final_tables(runs.engram_ref()).items():
+        torch.testing.assert_close(resumed[name], t, rtol=0, atol=1e-6, msg=name)
 
 
 def test_mhc_mixing_stays_fp32_under_bf16_sharding(tmp_path):

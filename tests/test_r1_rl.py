@@ -233,3 +233,43 @@ def test_recipe_runs_its_stages_and_keeps_finished_ones(base_model, tmp_path, ca
     assert "[sft]" in printed and "[rl]" in printed and printed.count("is finished; keeping it") == 2
     with pytest.raises(FileNotFoundError, match="--base"):
         run_recipe(str(tmp_path / "r2"), base=str(tmp_path / "nothing"))
+
+
+def test_grpo_trains_an_engram_model(tmp_path):
+    """The one engine samples an Engram model (its per-sequence n-gram state) with the trainer's own
+    log-probabilities, and the step trains the sparse tables beside the rest (RowSparseAdam)."""
+    from seekling.engram_vocab import install_engram_vocab
+    from seekling.presets import with_engram
+    from seekling.r1.sft import model_and_tokenizer
+
+    tok = load_default_tokenizer()
+    cfg = with_engram(TINY_MODEL.replace(max_seq_len=96), layers=(0,), n_heads=2, head_rows=997, embed_dim=32)
+    model = Transformer(cfg)
+    model.init_weights(0)
+    install_engram_vocab(model, tok)
+    with torch.no_grad():
+        model.head.weight.mul_(30.0)
+    d = tmp_path / "base"
+    seekling.save(model, d)
+    tok.save(d)
+    table = model.layers[0].engram.table.weight.detach().clone()
+
+    result = rl(_cfg(d, tmp_path / "run", max_steps=3, eval_every=0), live=False, plots=False)
+    rows = read_metrics(tmp_path / "run")
+    assert result["finished"] and any(r["trained_seqs"] > 0 for r in rows)
+    for r in rows:
+        if r["trained_seqs"]:
+            assert r["sampler_gap"] < 1e-5  # fp32: the engine's Engram state gives the trainer's log-probs
+    after, _ = model_and_tokenizer(str(tmp_path / "run" / "model"), None)
+    moved = (after.layers[0].engram.table.weight != table).any(dim=1)
+    assert 0 < int(moved.sum()) < table.shape[0]  # the looked-up rows, not the whole table
+    assert torch.equal(after.engram_vocab.compress, model.engram_vocab.compress)
+
+
+def test_a_fresh_engram_preset_gets_the_tokenizers_compressed_ids():
+    from seekling.engram_vocab import build_compressed_vocab
+    from seekling.r1.sft import model_and_tokenizer
+
+    model, tok = model_and_tokenizer("tiny_engram", None)
+    want = torch.tensor(build_compressed_vocab(tok).padded(model.cfg.vocab_size))
+    assert torch.equal(model.engram_vocab.compress, want) and not torch.equal(want, torch.arange(len(want)))

@@ -19,8 +19,17 @@ Gradients: FSDP averages over the ranks that shard a parameter. An expert's grad
 the sum over its ep group (the all_to_all backward brings every rank's contribution) and is then
 averaged over only world/ep ranks, so its divide factor is set to the world size: every gradient
 is then the mean over all ranks, as one process with the whole batch would compute.
+Engram tables (model/engram.py) stay out of FSDP (`ignored_params`): whole on every rank, like
+the buffers. Their gradients are sparse (the rows a batch looked up) and their optimizer is
+RowSparseAdam, neither of which FSDP2's flat reduce-scatter and DTensor shards carry, and sharding
+them would all-gather whole tables every step to read a few rows. After the backward the step
+calls `Parallel.mean_sparse_grads`: every rank's coalesced rows are all-gathered, summed and
+divided by the world size (the mean FSDP takes of dense gradients), identically on every rank, so
+every rank applies the same row update and the tables stay equal without ever being broadcast.
+Their projections, norms and convolution are ordinary parameters, sharded with their block.
 Left out: tensor, context and pipeline parallelism; HSDP (replicating across nodes); compiling a
-sharded model (torch.compile is single-process only for now).
+sharded model (torch.compile is single-process only for now); sharding the Engram tables (a table
+larger than one device's memory; the paper's answer is host memory, not sharding).
 """
 
 from __future__ import annotations
@@ -31,12 +40,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from seekling.distributed.expert_parallel import apply_expert_parallel, check_expert_parallel
+from seekling.model.engram import table_parameters
 from seekling.model.mhc import HyperConnection, HyperHead
 
 
@@ -77,6 +88,44 @@ class Parallel:
     def agree(self, flag: bool) -> bool:
         """True on every rank if it is True on any: ranks must stop (or save) at the same step."""
         return bool(self.sum(torch.tensor([int(flag)], device=self.device)).item())
+
+    def mean_sparse_grads(self, parameters) -> None:
+        """Average over all ranks the gradients FSDP does not reduce: those of the parameters it left
+        whole, the Engram tables (sparse). Every rank ends with the very same tensor. A collective."""
+        # FSDP turned every parameter it manages into a DTensor; the others are the replicated tables.
+        # Chosen by that, not by which have gradients, so that every rank joins the same gathers.
+        params = [p for p in parameters if p.requires_grad and not isinstance(p, DTensor)]
+        if not params:
+            return
+        assert all(p.grad is None or p.grad.is_sparse for p in params), "parallelize replicates sparse tables only"
+        world = self.world_size
+        grads = [(p.grad if p.grad is not None else torch.sparse_coo_tensor(
+            torch.empty(1, 0, dtype=torch.long, device=p.device), p.new_empty(0, *p.shape[1:]), p.shape)).coalesce()
+            for p in params]
+        # Ranks touch different numbers of rows: gather the counts, then every rank's rows and values
+        # padded to the largest count (all_gather takes equal sizes on gloo and NCCL alike). One
+        # gather each for all tables together: rows and values are concatenated table after table.
+        counts = torch.tensor([g._nnz() for g in grads], device=self.device)
+        n = self._gather(counts).tolist()  # n[rank][table]
+        cap = [max(c) for c in zip(*n)]
+        rows = torch.cat([F.pad(g.indices()[0], (0, c - g._nnz())) for g, c in zip(grads, cap)])
+        vals = torch.cat([F.pad(g.values(), (0, 0, 0, c - g._nnz())).flatten() for g, c in zip(grads, cap)])
+        all_rows, all_vals = self._gather(rows), self._gather(vals)
+        r0 = v0 = 0  # where table t starts in every rank's rows and values
+        for t, (p, g) in enumerate(zip(params, grads)):
+            d = g.shape[1]  # an embedding's row width
+            idx = torch.cat([all_rows[i, r0:r0 + n[i][t]] for i in range(world)])
+            val = torch.cat([all_vals[i, v0:v0 + n[i][t] * d] for i in range(world)]).view(-1, d)
+            r0, v0 = r0 + cap[t], v0 + cap[t] * d
+            # divided like FSDP's dense gradients: the mean over ranks, the gradient of the global batch
+            p.grad = torch.sparse_coo_tensor(idx[None], val, g.shape).coalesce() / world
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D `t` (all the same size), stacked in rank order: (world, len(t))."""
+        # a flat output: gloo's all_gather_into_tensor takes no other shape, NCCL's takes both
+        out = t.new_empty(self.world_size * t.numel())
+        dist.all_gather_into_tensor(out, t, group=self.dp_mesh.get_group())
+        return out.view(self.world_size, -1)
 
     def broadcast(self, obj):
         """Rank 0's picklable `obj`, on every rank."""
@@ -166,13 +215,15 @@ def parallelize(model: nn.Module, par: Parallel, dtype: torch.dtype) -> nn.Modul
     for m in model.modules():
         if isinstance(m, (HyperConnection, HyperHead)):
             fully_shard(m, mesh=par.dp_mesh, mp_policy=fp32)
+    # Engram tables stay whole on every rank (module docstring); every unit that holds one ignores it.
+    tables = {p for _, p in table_parameters(model)}
     for block in [*model.layers, *model.mtp]:
-        fully_shard(block, mesh=par.dp_mesh, mp_policy=mp)
+        fully_shard(block, mesh=par.dp_mesh, mp_policy=mp, ignored_params=tables)
     # The embedding and the head are each used by the main model and every MTP depth in one forward:
     # kept unsharded until the backward (reshard_after_forward=False) rather than gathered again.
     fully_shard(model.embed, mesh=par.dp_mesh, mp_policy=mp, reshard_after_forward=False)
     fully_shard(model.head, mesh=par.dp_mesh, mp_policy=mp, reshard_after_forward=False)
-    fully_shard(model, mesh=par.dp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=par.dp_mesh, mp_policy=mp, ignored_params=tables)
     for method in ("hidden", "mtp_hidden"):
         register_fsdp_forward_method(model, method)
     return model
@@ -183,19 +234,26 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
 
     torch's clip_grad_norm_ cannot combine DTensors of different meshes (experts live on (efsdp, ep),
     the rest on dp): the squared norms are taken per mesh, made whole across ranks, then summed.
+    Sparse gradients (Engram tables, replicated and already averaged by mean_sparse_grads) are the
+    same on every rank: their norm is taken locally, so it counts once, not once per rank.
     """
     params = [p for p in parameters if p.grad is not None]
+    sparse = [p for p in params if p.grad.is_sparse]
     by_mesh: dict = {}
     for p in params:
-        key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
-        by_mesh.setdefault(key, []).append(p)
-    total_sq = None
+        if not p.grad.is_sparse:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            by_mesh.setdefault(key, []).append(p)
+    sq = [torch.linalg.vector_norm(p.grad.coalesce().values()).float() ** 2 for p in sparse]
     for group in by_mesh.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        total_sq = norm.float() ** 2 if total_sq is None else total_sq + norm.float() ** 2
-    total = total_sq.sqrt() if total_sq is not None else torch.zeros(())
+        sq.append(norm.float() ** 2)
+    total = torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
     for group in by_mesh.values():  # one foreach per mesh: a foreach op cannot mix meshes either
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grads_with_norm_'s coefficient
+    for p in sparse:
+        p.grad = p.grad * coef
     return total

@@ -12,6 +12,10 @@ own `hidden` (embedding, RoPE, blocks, residuals, norms); only two things differ
   as one extra key instead of being written first, and the engine writes every layer's new
   latents into the pool afterwards with one op (an in-graph write to the pool would make the
   compiler copy the whole pool);
+* an Engram model's layers read `DecodeEngram`, likewise a pure function of the engine's
+  EngramState: each sequence's n-gram window is its N-1 stored ids plus the new one, its conv window
+  the W stored inputs plus the new one, and the new histories are returned for the engine to store
+  (the same numbers as EngramBatch, which tests/test_engram_model.py holds it to);
 * routed experts take `Experts._forward_gathered` (chosen via `torch.compiler.is_compiling`):
   each (token, expert) pair reads its expert's rows through an index that the compiler fuses into
   the reduction, so no expert weight is copied (grouped_mm has no fp32 CPU lowering).
@@ -34,6 +38,40 @@ from seekling.inference.host import to_device
 # Measured per step, tiny preset, 1 thread: 8 x 1k context (2.6 MB) 10.8 ms compiled vs 20.4 eager;
 # 8 x 4k (10.5 MB) 38.5 vs 30.8; 1 x 4k (1.3 MB) 5.7 vs 9.5.
 MAX_KEY_BYTES = 4 * 2**20
+
+
+class DecodeEngram:
+    """EngramBatch's interface (windows, conv) for one token per sequence, traceable by torch.compile.
+
+    ids (S, N-1) and conv (L_e, S, W, C) are the EngramState's tensors, read at `slots` (n,) and never
+    written: `new_ids` (n, N-1) and `new_conv` (one (n, W, C) per Engram layer) are the histories
+    after this token, for the caller to store. A sequence at position 0 (a one-token prompt) starts
+    from the pad id and zero inputs, as EngramBatch's fresh segments do.
+    """
+
+    def __init__(self, ids: torch.Tensor, conv: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                 dilation: int):
+        self.ids, self.conv_state, self.slots, self.dilation = ids, conv, slots, dilation
+        self.fresh = positions == 0  # (n,)
+        self.new_ids: torch.Tensor | None = None
+        self.new_conv: dict[int, torch.Tensor] = {}
+
+    def windows(self, cids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """New compressed ids (n,) -> (n, N) windows, [:, k] = id_{t-k}."""
+        hist = torch.where(self.fresh[:, None], pad, self.ids[self.slots])  # (n, N-1), oldest first
+        ext = torch.cat((hist, cids[:, None]), dim=1)  # (n, N)
+        self.new_ids = ext[:, 1:]
+        return ext.flip(1)
+
+    def conv(self, layer: int, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Conv inputs u (n, C), depthwise weight (C, 1, K) -> (n, C)."""
+        hist = self.conv_state[layer, self.slots].to(u.dtype).masked_fill(self.fresh[:, None, None], 0)  # (n, W, C)
+        ext = torch.cat((hist, u[:, None]), dim=1)  # (n, W+1, C)
+        self.new_conv[layer] = ext[:, 1:]
+        K, W = weight.shape[-1], hist.shape[1]
+        # Tap i of the kernel reads the input (K-1-i)*dilation steps back (conv1d is a cross-correlation).
+        x = ext[:, [W - (K - 1 - i) * self.dilation for i in range(K)]]  # (n, K, C)
+        return (x * weight[:, 0, :].t()).sum(1)
 
 
 class DecodeAttention:
@@ -66,12 +104,18 @@ class DecodeAttention:
         return out.reshape(1, n, -1).to(q_nope.dtype)
 
 
-def decode_hidden(model, ids: torch.Tensor, positions: torch.Tensor, pool: torch.Tensor,
-                  table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids, positions (n,), table (n, W) -> final-normed hidden (n, dim), new latents (L, n, D)."""
+def decode_hidden(model, ids: torch.Tensor, positions: torch.Tensor, pool: torch.Tensor, table: torch.Tensor,
+                  engram: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+    """ids, positions (n,), table (n, W) -> final-normed hidden (n, dim), new latents (L, n, D); with
+    engram = (state ids, state conv, slots (n,)) also the new Engram histories (n, N-1), (L_e, n, W, C)."""
     attention = DecodeAttention(pool, table, positions)
-    h = model.hidden(ids[None], positions[None], cache=attention)[0]
-    return h, torch.stack(attention.entries)
+    eng = None
+    if engram is not None:
+        eng = DecodeEngram(*engram, positions, model.cfg.engram.conv_dilation)
+    h = model.hidden(ids[None], positions[None], cache=attention, engram=eng)[0]
+    if eng is None:
+        return h, torch.stack(attention.entries)
+    return h, torch.stack(attention.entries), eng.new_ids, torch.stack([eng.new_conv[i] for i in sorted(eng.new_conv)])
 
 
 def _need_cxx():
@@ -88,8 +132,8 @@ def _need_cxx():
 class CompiledDecode:
     """A compiled `decode_hidden` for one model and cache; call it with a plain decode batch."""
 
-    def __init__(self, model, cache):
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache, engram=None):
+        self.model, self.cache, self.engram = model, cache, engram  # engram: the engine's EngramState, or None
         if cache.pool.device.type == "cpu":
             _need_cxx()
         # cpp_wrapper: the graph's kernel calls are issued from C++, not Python (2.5 vs 2.9 ms a step,
@@ -128,8 +172,18 @@ class CompiledDecode:
         # (at Tensor.unflatten in RoPE), and the guard filter above would then let one block's resumed
         # frame run for another (seen: a dense block's code run on an MoE block, KeyError 'w1').
         # Every tensor the graph makes names its device, so no mode has anything to do there.
+        eng = None
+        if self.engram is not None:
+            slots = to_device(rows, dev)  # Engram slots are block-table rows (engine.py)
+            torch._dynamo.maybe_mark_dynamic(slots, 0)
+            torch._dynamo.maybe_mark_dynamic(self.engram.ids, 0)
+            torch._dynamo.maybe_mark_dynamic(self.engram.conv, 1)
+            eng = (self.engram.ids, self.engram.conv, slots)
         with torch._C.DisableTorchFunction():
-            h, entries = self._fn(self.model, ids, pos, cache.pool, table)
+            h, entries, *new = self._fn(self.model, ids, pos, cache.pool, table, eng)
+        if new:
+            self.engram.ids[slots] = new[0]
+            self.engram.conv[:, slots] = new[1].to(self.engram.conv.dtype)
         L = entries.shape[0]
         cache.pool[:L].view(L, -1, cache.pool.shape[-1]).index_copy_(1, cache.slots(rows, positions),
                                                                      entries.to(cache.pool.dtype))

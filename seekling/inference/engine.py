@@ -28,6 +28,13 @@ of `wkv_b` taken at each call), so a model that a trainer updates in place is se
 weights from the next step on, and the compiled step reads them as graph inputs (no recompile).
 Update between requests: a running request's cached latents were computed with the old weights.
 
+An Engram model (cfg.engram.layers) also needs, per sequence, its last N-1 compressed ids and each
+Engram layer's convolution window: the engine keeps them in one EngramState with a slot per
+block-table row, so a slot is claimed and released with the sequence's row. Each step's forward
+gets an EngramBatch over it, committed after sampling with the tokens each sequence keeps (a
+verification keeps only its accepted drafts). A preempted sequence is recomputed from its tokens,
+as its KV cache is: its re-prefill starts at position 0, which ignores whatever the slot held.
+
 Left out: tokenisation (callers pass ids, and a `decode` function when they want stop strings);
 tensor-parallel sharding; CUDA graphs of the eager step.
 """
@@ -48,6 +55,7 @@ from seekling.inference.kv_cache import LatentCache, cache_blocks
 from seekling.inference.sampling import SamplingParams, raw_logprobs, sample_tokens
 from seekling.inference.scheduler import Scheduler, Sequence
 from seekling.inference.speculative import MTPDrafter, verify_drafts
+from seekling.model.engram import EngramState
 from seekling.validate import checker
 
 DEFAULT_CACHE_TOKENS = 65536
@@ -168,10 +176,13 @@ class Engine:
                                  latent_dim=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim, max_seqs=config.max_seqs,
                                  max_blocks_per_seq=math.ceil((cfg.max_seq_len + k + 1) / config.block_size),
                                  dtype=dtype, device=self.device)
+        # One Engram decode-state slot per block-table row (None without Engram).
+        self.engram = (EngramState(cfg.engram, n_slots=config.max_seqs, dim=cfg.dim, hc_mult=cfg.hc_mult,
+                                   device=self.device, dtype=dtype) if cfg.has_engram else None)
         self.scheduler = Scheduler(self.cache, max_batch_tokens=config.max_batch_tokens)
         self._batch_kwargs = dict(mode=config.attention, prefill=config.prefill_attention)
         self.drafter = MTPDrafter(model, self.cache, k, **self._batch_kwargs) if k else None
-        self._compiled = CompiledDecode(model, self.cache) if config.compile else None
+        self._compiled = CompiledDecode(model, self.cache, self.engram) if config.compile else None
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         # CPU generators whatever the device: uniforms are drawn on the host (sampling.py says why).
@@ -300,22 +311,27 @@ class Engine:
             starts.append(seq.num_cached)
             lens.append(n)
         # One token per sequence: a plain decode step (compile excludes speculation, so no drafts here).
+        eng = None
         if self._compiled is not None and len(ids) == len(work) and self._compiled.fits(starts):
             h = self._compiled(ids, rows, starts)  # (N, D)
         else:
             batch = CacheBatch(self.cache, rows, starts, lens, n_heads=cfg.n_heads, **self._batch_kwargs)
-            h = model.hidden(to_device(ids, self.device)[None], batch.positions[None], cache=batch)[0]  # (N, D)
+            eng = self.engram.batch(rows, starts, lens) if self.engram is not None else None
+            h = model.hidden(to_device(ids, self.device)[None], batch.positions[None], cache=batch, engram=eng)[0]
 
         offsets = list(itertools.accumulate(lens, initial=0))
         events, emitted = self._sample(work, h, offsets, lens)
 
-        drafting = []
+        drafting, kept = [], []
         for idx, (seq, n) in enumerate(work):
             n_fed = len(emitted[idx]) if seq.drafts else n  # a verification keeps the pending token + accepted drafts
+            kept.append(n_fed)
             seq.num_cached += n_fed
             seq.drafts, seq.draft_probs = [], None
             if self.drafter is not None and not seq.finished:
                 drafting.append((seq, h[offsets[idx]:offsets[idx] + lens[idx]], seq.remaining == 1))
+        if eng is not None:
+            eng.commit(kept)  # the compiled step wrote its own (one token per sequence, all kept)
         if drafting:
             self.drafter.run(drafting)
         for seq, _ in work:

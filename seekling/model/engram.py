@@ -29,7 +29,8 @@ Two paths compute the same thing (tests/test_engram.py holds them to each other,
     compressed ids and each Engram layer's last W conv inputs), wraps one forward's segments in an
     `EngramBatch`, and after the forward calls `batch.commit(keep)`: keep < length drops rejected
     speculative tokens. A segment with start 0 ignores whatever its slot held, so a reused or
-    preempted-and-recomputed slot needs no reset.
+    preempted-and-recomputed slot needs no reset. (The engine's compiled decode step reads the same
+    state through inference/compiled.py's DecodeEngram, one token per sequence.)
 
 Numerics kept from the demo: multipliers `2 r + 1`, r ~ numpy default_rng(seed + 10007 * layer)
 in [0, (int64max // V) // 2) so that no id * multiplier overflows; primes by next-prime search from
@@ -44,7 +45,8 @@ if numpy's Generator stream ever changes (NEP 19 does not freeze it; tests pin t
 The table's gradient is sparse by default (`nn.Embedding(sparse=True)`): a step's gradient is the
 looked-up rows only, so with a lazy optimizer (torch.optim.SparseAdam: moments and updates of the
 touched rows only) a step costs time in the rows a batch touches, not in the table's size
-(bench/bench_engram_table.py measures it). A dense optimizer rejects sparse gradients; set
+(bench/bench_engram_table.py measures it); seekling's trainer uses train/optim.py's RowSparseAdam,
+SparseAdam's update with a checkpointable step. A dense optimizer rejects sparse gradients; set
 `table.sparse = False` (see `table_parameters`) to train the table with one.
 
 Left out: host-memory placement and prefetch of the table (the paper's offloading; the table is an
@@ -324,12 +326,14 @@ class Engram(nn.Module):
         self.n, self.dim, self.n_heads = hc_mult, dim, cfg.n_heads
         # Which slice of EngramState.conv is this layer's.
         self.state_index = cfg.layers.index(layer_id)
+        self.cfg, self.layer_id = cfg, layer_id
         primes = engram_primes(cfg)[layer_id]
         self.register_buffer("multipliers", torch.tensor(layer_multipliers(cfg, layer_id, vocab_size)))
         # Derived from the config alone (pure Python), so not saved; a table of another layout fails
         # to load on its shape.
-        self.register_buffer("primes", torch.tensor(primes), persistent=False)
-        self.register_buffer("offsets", torch.tensor([0, *primes[:-1]]).cumsum(0), persistent=False)
+        self.register_buffer("primes", torch.empty(len(primes), dtype=torch.long), persistent=False)
+        self.register_buffer("offsets", torch.empty(len(primes), dtype=torch.long), persistent=False)
+        self.reset_index_buffers()
         self.table = nn.Embedding(sum(primes), cfg.head_dim, sparse=True)
         E, C = cfg.key_dim, hc_mult * dim
         self.value_proj = nn.Linear(E, dim)  # W_V, shared by the streams
@@ -341,6 +345,15 @@ class Engram(nn.Module):
         # Causal: no padding here, the forward pads W zeros on the left (or the state supplies them).
         self.conv = nn.Conv1d(C, C, cfg.kernel_size, dilation=cfg.conv_dilation, groups=C, bias=False)
         self.init_weights()
+
+    @torch.no_grad()
+    def reset_index_buffers(self) -> None:
+        """(Re)compute the non-persistent primes and table offsets from the config; a model built on the
+        meta device (checkpoint loading) calls this once its tensors are real."""
+        primes = engram_primes(self.cfg)[self.layer_id]
+        dev = self.multipliers.device
+        self.primes = torch.tensor(primes, device=dev)
+        self.offsets = torch.tensor([0, *primes[:-1]], device=dev).cumsum(0)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):

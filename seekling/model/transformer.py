@@ -14,8 +14,14 @@ code for both. Inside, its eh_proj output is copied into n streams, its block mi
 attn_hc / ffn_hc, and its own hc_head collapses them before its norm. (transformers' DeepseekV4 ignores
 MTP weights, so there is no oracle for this part; the choice is ours, see the README.)
 
-The model holds no process-group, cache or training state: the caller passes an engine-owned KV cache
-and a RouterTrace when it wants them.
+With Engram (cfg.engram.layers, model/engram.py) the model owns the compressed-id map
+(`engram_vocab`, a buffer saved with it) and each chosen block adds `Engram(x, ids)` to its residual
+(every stream with mHC) before attention. A full-sequence forward computes the n-grams from the ids
+alone; an incremental one (the engine) passes an EngramBatch over its own EngramState beside the
+KV cache, and commits it after sampling.
+
+The model holds no process-group, cache or training state: the caller passes an engine-owned KV cache,
+EngramBatch and a RouterTrace when it wants them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 
 from seekling.config import ModelConfig
+from seekling.model.engram import Engram, EngramBatch, EngramInput, EngramVocab
 from seekling.model.mhc import HyperConnection, HyperHead, expand_streams, hc_write
 from seekling.model.mla import MLA
 from seekling.model.mlp import MLP
@@ -42,12 +49,17 @@ class Block(nn.Module):
         # None with hc_mult = 1: no parameters and no state-dict keys, so the plain model is unchanged.
         self.attn_hc = HyperConnection(cfg) if cfg.has_mhc else None
         self.ffn_hc = HyperConnection(cfg) if cfg.has_mhc else None
+        # None except at the Engram layers (MTP depths never have one): no keys, no ops elsewhere.
+        self.engram = (Engram(cfg.engram, layer_id, dim=cfg.dim, vocab_size=cfg.vocab_size, hc_mult=cfg.hc_mult,
+                              norm_eps=cfg.norm_eps) if layer_id in cfg.engram.layers else None)
 
     def _ffn(self, h, trace):
         return self.ffn(h, trace) if isinstance(self.ffn, MoE) else self.ffn(h)
 
-    def forward(self, x, cos, sin, cache=None, trace: RouterTrace | None = None):
+    def forward(self, x, cos, sin, cache=None, trace: RouterTrace | None = None, engram: EngramInput | None = None):
         """x (B,T,D), or (B,T,n,D) streams with mHC -> the same shape."""
+        if self.engram is not None:
+            x = x + self.engram(x, engram)
         if self.attn_hc is None:
             x = x + self.attn(self.attn_norm(x), cos, sin, cache)
             return x + self._ffn(self.ffn_norm(x), trace)
@@ -96,6 +108,8 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.n_layers + k) for k in range(cfg.n_mtp_layers))
         self.rope = RotaryEmbedding(cfg)
         self.hc_head = HyperHead(cfg) if cfg.has_mhc else None  # "model.hc_head" in the checkpoint
+        # The compressed-id map, identity until a trainer installs the tokenizer's (engram_vocab.py).
+        self.engram_vocab = EngramVocab(cfg.engram, cfg.vocab_size) if cfg.has_engram else None
         self.init_weights()
 
     @torch.no_grad()
@@ -105,6 +119,8 @@ class Transformer(nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.cfg.initializer_range
         for name, p in self.named_parameters():
+            if ".engram." in name:
+                continue  # Engram initialises itself (zero biases), below
             if name.endswith("norm.weight") or name.endswith(("_hc.scale", "hc_head.hc_scale")):
                 p.fill_(1.0)
             elif name.endswith(("_hc.base", "hc_head.hc_base")):
@@ -114,12 +130,24 @@ class Transformer(nn.Module):
         for name, b in self.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.zero_()
+        for layer in self.layers:
+            if layer.engram is not None:
+                layer.engram.init_weights(std, gen)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-               trace: RouterTrace | None = None) -> torch.Tensor:
-        """Final-normed hidden states (B,T,D)."""
+               trace: RouterTrace | None = None, engram: EngramBatch | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B,T,D). `engram`: the decode batch of an incremental forward."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}")
+        eng = None
+        if self.engram_vocab is not None:
+            if cache is not None and engram is None:
+                # Without the n-gram history the Engram layers would read pads: silently wrong logits.
+                raise ValueError("an Engram model decoding with a KV cache needs an EngramBatch (engram=...) over "
+                                 "an EngramState that carries each sequence's history; seekling's Engine keeps one")
+            eng = self.engram_vocab(input_ids, engram)
+        elif engram is not None:
+            raise ValueError("engram=... was given but this model has no Engram layers (cfg.engram.layers is empty)")
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = self.rope(positions)
@@ -127,15 +155,15 @@ class Transformer(nn.Module):
         if self.hc_head is not None:
             x = expand_streams(x, self.cfg.hc_mult)  # (B,T,n,D)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, trace)
+            x = layer(x, cos, sin, cache, trace, eng)
         if self.hc_head is not None:
             x = self.hc_head(x)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                trace: RouterTrace | None = None) -> torch.Tensor:
+                trace: RouterTrace | None = None, engram: EngramBatch | None = None) -> torch.Tensor:
         """Logits (B,T,V) for token ids (B,T)."""
-        return self.head(self.hidden(input_ids, positions, cache, trace))
+        return self.head(self.hidden(input_ids, positions, cache, trace, engram))
 
     def mtp_hidden(self, h: torch.Tensor, input_ids: torch.Tensor, trace: RouterTrace | None = None) -> list[torch.Tensor]:
         """Training-time MTP: for depth k = 1..n_mtp_layers, hidden states (B, T-k, D) whose logits
@@ -150,13 +178,20 @@ class Transformer(nn.Module):
         return outs
 
     def num_params(self, active: bool = False, embeddings: bool = True) -> int:
-        """Total parameters (main model and MTP), or those a token activates in the main model."""
+        """Total parameters (main model and MTP), or those a token activates in the main model.
+
+        Engram tables count in the total but not as active: a token reads (N-1)*H rows of each, a
+        lookup like the embedding's (`table_params` gives them apart)."""
         cfg = self.cfg
         total = sum(p.numel() for p in self.parameters())
         if not active:
             return total if embeddings else total - self.embed.weight.numel()
-        n = total - sum(p.numel() for p in self.mtp.parameters())
+        n = total - sum(p.numel() for p in self.mtp.parameters()) - self.table_params()
         E, K = cfg.n_routed_experts, cfg.n_activated_experts
         per_expert = 3 * cfg.dim * cfg.moe_inter_dim
         n -= (cfg.n_layers - cfg.n_dense_layers) * (E - K) * per_expert
         return n if embeddings else n - self.embed.weight.numel()
+
+    def table_params(self) -> int:
+        """Parameters in Engram tables (0 without Engram)."""
+        return sum(layer.engram.table.weight.numel() for layer in self.layers if layer.engram is not None)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from seekling.checkpoint import load, read_config
 from seekling.device import default_device, resolve_dtype
+from seekling.engram_vocab import install_engram_vocab
 from seekling.model.transformer import Transformer
 from seekling.presets import PRESETS, get_preset
 from seekling.r1.evaluate import EvalConfig, evaluate
@@ -136,6 +137,8 @@ def model_and_tokenizer(init: str, ckpt: Path | None, seed: int = 0):
         model = Transformer(get_preset(init))
         model.init_weights(seed)
         tok = load_default_tokenizer()
+        if model.cfg.has_engram:  # fresh Engram weights need the tokenizer's compressed ids, as pretraining's do
+            install_engram_vocab(model, tok)
     else:
         path = Path(init)
         tok = SeeklingTokenizer.load(path) if (path / "tokenizer.json").is_file() else load_default_tokenizer()

@@ -106,6 +106,9 @@ class TrainConfig:
         need(self.seq_aux_alpha >= 0, "seq_aux_alpha", f"must be >= 0 (DeepSeek-V3 used 1e-4), got {self.seq_aux_alpha}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         need(isinstance(self.compile, bool), "compile", f"must be True or False, got {self.compile!r}")
+        need(not (self.compile and self.model_config.has_engram), "compile",
+             "cannot train an Engram model yet: Inductor cannot compile the tables' sparse gradients "
+             "(torch 2.13: 'Cannot access storage of SparseTensorImpl'); train it without --compile")
         need(self.time_limit_s is None or self.time_limit_s > 0, "time_limit_s",
              f"must be positive or None, got {self.time_limit_s}")
 
@@ -166,6 +169,7 @@ _PRESET_TRAIN = {
                    eval_every=2000, ckpt_every=1000, eval_batches=50),
 }
 _PRESET_TRAIN["tiny_mhc"] = _PRESET_TRAIN["tiny"]  # tiny with mHC streams: the same run, for a like-for-like comparison
+_PRESET_TRAIN["tiny_engram"] = _PRESET_TRAIN["tiny"]  # tiny with Engram: likewise
 
 
 def train_preset(name: str, **overrides) -> TrainConfig:

@@ -5,13 +5,15 @@
 
 One step: for each micro-batch, forward and loss under the compute dtype's autocast (the loss is a
 plug-in: next-token CE with MTP for pretraining, the same CE over masked targets for SFT, a policy-
-gradient loss for RL), backward of loss / n_micro; then clip, optimizer step, zero the grads, and
+gradient loss for RL), backward of loss / n_micro; then clip (sparse gradients of Engram tables
+included: clip_grad_norm_with_sparse), optimizer step, zero the grads, and
 the aux-loss-free expert-bias update from the routing counts of the whole step (DeepSeek-V3 updates
 the bias "at the end of each step"; summed over micro-batches, accumulation sees one update, as a
-bigger batch would). A distributed driver passes three hooks: `reduce_counts` (an all-reduce of
+bigger batch would). A distributed driver passes four hooks: `reduce_counts` (an all-reduce of
 the (layers, E) counts) so that every rank applies the same update, `reduce_metrics` (the mean of
-the logged scalars over ranks) and `clip_grad_norm` (for gradients sharded over several meshes);
-without them the step has no distributed code at all.
+the logged scalars over ranks), `reduce_grads` (after the last backward, for gradients the sharding
+does not reduce: the replicated Engram tables') and `clip_grad_norm` (for gradients sharded over
+several meshes); without them the step has no distributed code at all.
 
 Compilation is applied by wrapping: `StepConfig(compile=True)` compiles the loss function (the
 model's forward inlined into it), and the model's modules are never replaced or patched. The
@@ -99,6 +101,33 @@ def to_device(batch, device: torch.device):
     return batch
 
 
+def clip_grad_norm_with_sparse(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ (2-norm, foreach), where sparse gradients (Engram tables) count too.
+
+    clip_grad_norm_ has no sparse kernel for the norm. A sparse gradient's norm is that of its
+    coalesced values (a row looked up twice holds one summed gradient), so it is coalesced in place,
+    its values' norm joins the others', and it is scaled by the same coefficient as clip_grad_norm_'s.
+    """
+    params = [p for p in params if p.grad is not None]
+    sparse = [p for p in params if p.grad.is_sparse]
+    if not sparse:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    for p in sparse:
+        p.grad = p.grad.coalesce()
+    dense = [p for p in params if not p.grad.is_sparse]
+    norms = [torch.linalg.vector_norm(p.grad.values()) for p in sparse]
+    if dense:
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in dense], foreach=True))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    # The same coefficient as clip_grad_norm_: max_norm / (norm + 1e-6), never above 1.
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    if dense:
+        torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total, foreach=True)
+    for p in sparse:
+        p.grad = p.grad * coef
+    return total
+
+
 @dataclass(frozen=True, kw_only=True)
 class StepConfig:
     """How one optimizer step runs; what it optimizes is the model, optimizer and loss passed beside it."""
@@ -128,14 +157,17 @@ class TrainStep:
                  config: StepConfig | None = None, *,
                  reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  reduce_metrics: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 reduce_grads: Callable[[Iterable[torch.Tensor]], None] | None = None,
                  clip_grad_norm: Callable[[Iterable[torch.Tensor], float], torch.Tensor] | None = None):
         self.model, self.optimizer, self.config = model, optimizer, config or StepConfig()
         self.device = next(model.parameters()).device
         self.n_gates = len(moe_gates(model))
         self.n_experts = getattr(model.cfg, "n_routed_experts", 0)
-        self.reduce_counts, self.reduce_metrics = reduce_counts, reduce_metrics
-        self.clip_grad_norm = clip_grad_norm or (lambda params, max_norm: torch.nn.utils.clip_grad_norm_(
-            params, max_norm, foreach=True))
+        self.reduce_counts, self.reduce_metrics, self.reduce_grads = reduce_counts, reduce_metrics, reduce_grads
+        self.clip_grad_norm = clip_grad_norm or clip_grad_norm_with_sparse
+        if self.config.compile and any(isinstance(m, nn.Embedding) and m.sparse for m in model.modules()):
+            raise ValueError("StepConfig.compile: this model has sparse-gradient embeddings (Engram tables), which "
+                             "Inductor cannot compile (torch 2.13); train it with compile=False")
         # A wrapper, not model.compile(): the caller's modules stay as they were, so the engine and
         # evaluation run the plain forward over the same parameters.
         self.loss_fn = torch.compile(loss_fn) if self.config.compile else loss_fn
@@ -159,6 +191,8 @@ class TrainStep:
             if trace is not None and trace.layers:
                 c = trace.expert_counts()
                 counts[: c.shape[0]] += c  # MTP routers see no tokens when the MTP loss is off
+        if self.reduce_grads is not None:
+            self.reduce_grads(model.parameters())
         grad_norm = None
         if cfg.grad_clip > 0:
             grad_norm = self.clip_grad_norm(model.parameters(), cfg.grad_clip)

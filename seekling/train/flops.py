@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from seekling.config import ModelConfig
+from seekling.model.engram import EngramConfig
 from seekling.stats import model_stats
 
 _PEAKS: dict[tuple[str, torch.dtype], float] = {}
@@ -107,6 +108,8 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     fwd = model_stats(cfg, context=seq_len).flops_per_token
     if cfg.n_mtp_layers:
         # One MTP depth = one block (MoE unless the model has no experts) + the shared head, plus eh_proj (2D -> D).
-        block = cfg.replace(n_layers=1, n_dense_layers=0 if cfg.n_routed_experts else 1, n_mtp_layers=0)
+        # (no Engram: MTP depths have none)
+        block = cfg.replace(n_layers=1, n_dense_layers=0 if cfg.n_routed_experts else 1, n_mtp_layers=0,
+                            engram=EngramConfig())
         fwd += cfg.n_mtp_layers * (model_stats(block, context=seq_len).flops_per_token + 2 * 2 * cfg.dim * cfg.dim)
     return 3 * fwd

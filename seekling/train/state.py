@@ -42,15 +42,10 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from seekling.checkpoint import REMOTE_CODE_FILES, from_hf_state_dict, read_tensors, save
-from seekling.distributed.checkpoint import full_model, load_sharded, save_sharded
+from seekling.distributed.checkpoint import full_model, load_full_optimizer, load_sharded, save_sharded
 from seekling.distributed.parallelize import Parallel
 from seekling.train.config import TrainConfig
 
@@ -353,13 +348,12 @@ def _load_full_into_sharded(ckpt: Path, model, optimizer) -> None:
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{ckpt / TRAIN_STATE} is unreadable ({e}); "
                          f"delete {ckpt} to resume from an earlier checkpoint") from None
-    groups = get_optimizer_state_dict(model, optimizer, options=full)["param_groups"]
     st: dict = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             name, field = key[len("optim."):].rsplit(".", 1)
             st.setdefault(name, {})[field] = value
-    set_optimizer_state_dict(model, optimizer, {"state": st, "param_groups": groups}, options=full)
+    load_full_optimizer(model, optimizer, st)
 
 
 def _jsonable(x):

@@ -35,6 +35,7 @@ from seekling.data.dataset import TrainLoader, ValLoader, bits_per_byte, prepare
 from seekling.device import cpu_has_fast_bf16, default_device, resolve_dtype
 from seekling.distributed.expert_parallel import check_expert_parallel
 from seekling.distributed.parallelize import Parallel, clip_grad_norm, close_parallel, init_parallel, parallelize
+from seekling.engram_vocab import install_engram_vocab
 from seekling.model.transformer import Transformer
 from seekling.tokenizer import SeeklingTokenizer, load_default_tokenizer
 from seekling.train import state as run_state
@@ -113,7 +114,8 @@ def pretraining_step(model: Transformer, cfg: TrainConfig, dtype: torch.dtype,
     """The step `seekling train` runs for cfg: next-token (+MTP, + balance) loss, cfg's clipping,
     expert balancing and compilation; a fresh AdamW unless `optimizer` is given. With `par`, expert
     counts, logged metrics and the gradient norm are global."""
-    hooks = dict(reduce_counts=par.sum, reduce_metrics=par.mean, clip_grad_norm=clip_grad_norm) if par else {}
+    hooks = dict(reduce_counts=par.sum, reduce_metrics=par.mean, reduce_grads=par.mean_sparse_grads,
+                 clip_grad_norm=clip_grad_norm) if par else {}
     return TrainStep(model, optimizer or build_optimizer(model, cfg), next_token_loss(cfg.mtp_lambda, cfg.seq_aux_alpha),
                      StepConfig(dtype=dtype, grad_clip=cfg.grad_clip, bias_update_gamma=cfg.bias_update_gamma,
                                 compile=cfg.compile), **hooks)
@@ -158,6 +160,8 @@ def _open_run(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, par: Parallel 
     shards = prepare_tokens(cfg.data, tokenizer, cache_dir=cfg.token_cache_dir)
     model = Transformer(model_cfg)
     model.init_weights(cfg.seed)  # the same weights on every rank, before they are sharded
+    if model_cfg.has_engram:
+        install_engram_vocab(model, tokenizer)  # a resumed run then loads the same map from its checkpoint
     model.to(device).train()
     if par:
         parallelize(model, par, dtype)
