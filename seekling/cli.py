@@ -168,7 +168,7 @@ def cmd_rl(args) -> None:
 def cmd_r1(args) -> None:
     from seekling.r1.recipe import run_recipe
 
-    run_recipe(args.out, base=args.base, time_budget_s=args.minutes * 60, seed=args.seed)
+    run_recipe(args.out, base=args.base, pretrain=args.pretrain, time_budget_s=args.minutes * 60, seed=args.seed)
 
 
 def cmd_eval(args) -> None:
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of negative advantages, 0..1 (default 1: plain GRPO)")
     r.add_argument("--keep-zero-variance", action="store_true",
                    help="train on groups whose rewards are all equal (default: count and skip them)")
-    r.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
+    r.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-5)")
     r.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5)")
     r.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default 10)")
     r.add_argument("--eval-problems", type=int, default=None, help="held-out problems per evaluation (default 100)")
@@ -333,9 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"])
     r.add_argument("--time-limit", type=float, default=None, metavar="SECONDS", help="stop cleanly (resumable) after this long")
     r.set_defaults(func=cmd_rl)
-    r1 = sub.add_parser("r1", help="the R1 recipe: pretrain (or reuse) a base, SFT, then GRPO on 2-digit addition")
+    r1 = sub.add_parser("r1", help="the R1 recipe: SFT from fresh (or pretrained) weights, then GRPO on 2-digit addition")
     r1.add_argument("--out", default="runs/r1", metavar="DIR", help="run directory (default runs/r1)")
-    r1.add_argument("--base", default=None, metavar="DIR", help="reuse this pretrained model instead of pretraining one")
+    r1.add_argument("--base", default=None, metavar="DIR",
+                    help="start SFT from this checkpoint directory or preset (default: fresh tiny weights)")
+    r1.add_argument("--pretrain", action="store_true",
+                    help="pretrain the base on the embedded corpus first (`seekling demo`, 5 minutes)")
     r1.add_argument("--minutes", type=float, default=45.0, help="total time budget; GRPO stops cleanly at it (default 45)")
     r1.add_argument("--seed", type=int, default=0)
     r1.set_defaults(func=cmd_r1)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_train_support import _private_cache, data_dir, tiny_config  # noqa: F401 (fixtures)
+from test_train_support import _private_cache, data_dir, spread_out, tiny_config  # noqa: F401 (fixtures)
 
 import seekling
 from seekling.checkpoint import config_from_hf, config_to_hf
@@ -37,23 +37,8 @@ def engram_cfg(**changes) -> ModelConfig:
     return ModelConfig(**(TINY | dict(engram=ENGRAM) | changes))
 
 
-def _randomize(model: torch.nn.Module, seed: int = 0):
-    """Spread-out weights (norms near 1, big table rows), so that Engram moves the logits visibly."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "norm" in name or name.endswith(("scale", "hc_scale")):
-                p.copy_(1 + 0.3 * r)
-            elif name.endswith(("base", "hc_base")):
-                p.copy_(r)
-            else:
-                p.copy_((0.5 if "engram" in name else 0.08) * r)
-    return model
-
-
 def engram_model(seed=0, **changes) -> Transformer:
-    model = _randomize(Transformer(engram_cfg(**changes)), seed).eval()
+    model = spread_out(Transformer(engram_cfg(**changes)), seed).eval()
     # a compressing map, with merges, so the compressed ids matter
     model.engram_vocab.load_map([i // 3 for i in range(model.cfg.vocab_size)])
     return model

@@ -6,6 +6,7 @@ from unittest import mock
 
 import pytest
 import torch
+from test_train_support import spread_out
 
 import seekling
 from seekling.checkpoint import config_to_hf
@@ -25,23 +26,8 @@ TINY = dict(vocab_size=97, dim=32, n_layers=3, n_dense_layers=1, inter_dim=48, n
             n_shared_experts=1, n_activated_experts=2, max_seq_len=256, n_mtp_layers=1)
 
 
-def _randomize(model: torch.nn.Module, seed: int = 0):
-    """Spread-out weights: norms near 1, hc scales near 1 and bases O(1), so every mixing term matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "norm" in name or name.endswith(("scale", "hc_scale")):
-                p.copy_(1 + 0.3 * r)
-            elif name.endswith(("base", "hc_base")):
-                p.copy_(r)
-            else:
-                p.copy_(0.08 * r)
-    return model
-
-
 def mhc_model(seed=0, **changes) -> Transformer:
-    return _randomize(Transformer(ModelConfig(**(TINY | dict(hc_mult=4) | changes))), seed).eval()
+    return spread_out(Transformer(ModelConfig(**(TINY | dict(hc_mult=4) | changes))), seed).eval()
 
 
 # ---------------------------------------------------------------- parity with transformers' DeepseekV4
@@ -60,7 +46,7 @@ def _pair(n, iters, D=24, eps=1e-6):
 def test_hyper_connection_matches_deepseek_v4(n, iters):
     ours_cfg, v4_cfg = _pair(n, iters)
     theirs = v4.DeepseekV4HyperConnection(v4_cfg)
-    ours = _randomize(HyperConnection(ours_cfg), seed=n)
+    ours = spread_out(HyperConnection(ours_cfg), seed=n)
     theirs.load_state_dict(ours.state_dict())  # same names: fn, base, scale
     x = torch.randn(2, 7, n, ours_cfg.dim, dtype=torch.float32)
     f = torch.randn(2, 7, ours_cfg.dim)
@@ -85,7 +71,7 @@ def test_hyper_connection_gradients_match_deepseek_v4():
     # Our hand-written Sinkhorn backward against autograd through their module.
     ours_cfg, v4_cfg = _pair(4, 20)
     theirs = v4.DeepseekV4HyperConnection(v4_cfg)
-    ours = _randomize(HyperConnection(ours_cfg), seed=1)
+    ours = spread_out(HyperConnection(ours_cfg), seed=1)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 5, 4, ours_cfg.dim)
     w = [torch.randn(2, 5, 4), torch.randn(2, 5, 4, 4), torch.randn(2, 5, ours_cfg.dim)]
@@ -102,7 +88,7 @@ def test_hyper_connection_gradients_match_deepseek_v4():
 def test_hyper_head_matches_deepseek_v4():
     ours_cfg, v4_cfg = _pair(4, 20)
     theirs = v4.DeepseekV4HyperHead(v4_cfg)
-    ours = _randomize(HyperHead(ours_cfg), seed=2)
+    ours = spread_out(HyperHead(ours_cfg), seed=2)
     theirs.load_state_dict(ours.state_dict())  # same names: hc_fn, hc_base, hc_scale
     x = torch.randn(3, 6, 4, ours_cfg.dim)
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=0)
@@ -139,7 +125,7 @@ def test_model_matches_a_forward_built_from_deepseek_v4_modules():
 
 def test_comb_rows_and_columns_sum_to_one():
     cfg = ModelConfig(**(TINY | dict(hc_mult=4)))
-    hc = _randomize(HyperConnection(cfg), seed=4)
+    hc = spread_out(HyperConnection(cfg), seed=4)
     _, _, comb = hc.coefficients(torch.randn(4, 50, 4, cfg.dim) * 3)
     torch.testing.assert_close(comb.sum(-2), torch.ones(4, 50, 4), atol=1e-5, rtol=0)  # columns: last normalised
     torch.testing.assert_close(comb.sum(-1), torch.ones(4, 50, 4), atol=1e-3, rtol=0)  # rows: Sinkhorn's tolerance
@@ -209,7 +195,7 @@ def test_stream_arithmetic_stays_fp32_under_bf16_autocast():
     # As V4 (and as the plain fp32 residual): under bf16 autocast the sublayer input, the coefficients and the
     # written streams are the fp32 numbers, bit for bit; only the sublayers themselves run in bf16.
     cfg = ModelConfig(**(TINY | dict(hc_mult=4)))
-    hc = _randomize(HyperConnection(cfg), seed=7)
+    hc = spread_out(HyperConnection(cfg), seed=7)
     x, f = torch.randn(2, 9, 4, cfg.dim), torch.randn(2, 9, cfg.dim).bfloat16()
     want = hc(x)
     want = (*want, hc_write(x, f, want[1], want[2]))
@@ -224,7 +210,7 @@ def test_stream_arithmetic_stays_fp32_under_bf16_autocast():
 
 def test_hc_mult_1_is_the_plain_residual_model():
     cfg = ModelConfig(**TINY)
-    model = _randomize(Transformer(cfg)).eval()
+    model = spread_out(Transformer(cfg)).eval()
     assert not [n for n in model.state_dict() if "hc" in n]
     assert config_to_hf(cfg)["model_type"] == "deepseek_v3" and "hc_mult" not in config_to_hf(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 13))

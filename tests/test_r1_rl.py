@@ -1,6 +1,7 @@
 """`seekling rl` (r1/rl.py, r1/rollout.py): GRPO raises reward, several updates per batch move the
 ratio, the KL term, zero-variance groups, exact resume, the command and its errors."""
 
+import json
 import random
 from dataclasses import dataclass
 from typing import ClassVar
@@ -218,7 +219,8 @@ def test_recipe_runs_its_stages_and_keeps_finished_ones(base_model, tmp_path, ca
     small_sft = dict(max_steps=3, batch_size=4, examples=16, warmup_steps=1, eval_every=3, eval_problems=2,
                      eval_max_tokens=8, ckpt_every=3)
     small_rl = dict(max_steps=2, prompts_per_step=2, group_size=2, max_tokens=8, warmup_steps=0, eval_every=2,
-                    eval_problems=2, ckpt_every=2, problems=8)
+                    eval_problems=2, ckpt_every=2, problems=8,
+                    compile_rollouts=False)  # compiled decode on trained weights: test_train_core
     figures = run_recipe(str(tmp_path / "r1"), base=str(base_model), sft_changes=small_sft | {"dtype": "float32"},
                          rl_changes=small_rl | {"dtype": "float32"}, live=False)
     assert figures["rl_finished"] and figures["problems"] == 2 and figures["rl_steps"] == 2
@@ -233,6 +235,22 @@ def test_recipe_runs_its_stages_and_keeps_finished_ones(base_model, tmp_path, ca
     assert "[sft]" in printed and "[rl]" in printed and printed.count("is finished; keeping it") == 2
     with pytest.raises(FileNotFoundError, match="--base"):
         run_recipe(str(tmp_path / "r2"), base=str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="--pretrain and --base"):
+        run_recipe(str(tmp_path / "r2"), base=str(base_model), pretrain=True)
+
+
+def test_recipe_starts_sft_from_fresh_preset_weights_by_default(tmp_path, capsys):
+    from seekling.r1.recipe import BASE_PRESET, run_recipe
+
+    small_sft = dict(max_steps=2, batch_size=2, examples=8, warmup_steps=0, eval_every=2, eval_problems=1,
+                     eval_max_tokens=4, ckpt_every=2, dtype="float32")
+    small_rl = dict(max_steps=1, prompts_per_step=1, group_size=2, max_tokens=4, warmup_steps=0, eval_every=1,
+                    eval_problems=1, ckpt_every=1, problems=4, dtype="float32",
+                    compile_rollouts=False)
+    figures = run_recipe(str(tmp_path / "r1"), sft_changes=small_sft, rl_changes=small_rl, live=False)
+    assert figures["rl_finished"] and not (tmp_path / "r1" / "base").exists()  # nothing pretrained
+    assert f"[base] fresh {BASE_PRESET} weights" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r1" / "sft" / "sft_config.json").read_text())["init"] == BASE_PRESET
 
 
 def test_grpo_trains_an_engram_model(tmp_path):

@@ -47,3 +47,19 @@ def tiny_config(data_dir, out_dir, **changes) -> TrainConfig:
                   dtype="float32")
     fields.update(changes)
     return TrainConfig(**fields)
+
+
+def spread_out(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Spread-out weights for numeric tests of a model's options: norms and mHC scales near 1, mHC
+    bases O(1), Engram weights large (0.5) so that the lookup moves the logits visibly, the rest 0.08."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if "norm" in name or name.endswith(("scale", "hc_scale")):
+                p.copy_(1 + 0.3 * r)
+            elif name.endswith(("base", "hc_base")):
+                p.copy_(r)
+            else:
+                p.copy_((0.5 if "engram" in name else 0.08) * r)
+    return model

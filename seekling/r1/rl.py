@@ -93,7 +93,7 @@ class RLConfig:
     scale_rewards: bool | None = None
     skip_zero_variance_groups: bool = True  # see the module docstring
     negative_weight: float = 1.0  # weight of negative advantages (grpo.GRPOConfig)
-    lr: float = 1e-4
+    lr: float = 3e-5  # the recipe's: 1e-4 made held-out pass@1 fall from 53% to 40-47% (recipe.py)
     min_lr_ratio: float = 1.0  # constant after warmup, as most GRPO recipes
     warmup_steps: int = 5
     schedule: str = "cosine"
