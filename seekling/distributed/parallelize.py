@@ -49,6 +49,7 @@ from torch.distributed.tensor import DTensor
 from seekling.distributed.expert_parallel import apply_expert_parallel, check_expert_parallel
 from seekling.model.engram import table_parameters
 from seekling.model.mhc import HyperConnection, HyperHead
+from seekling.train.core import clip_sparse_grads_with_norm_
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,5 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     total = torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
     for group in by_mesh.values():  # one foreach per mesh: a foreach op cannot mix meshes either
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grads_with_norm_'s coefficient
-    for p in sparse:
-        p.grad = p.grad * coef
+    clip_sparse_grads_with_norm_(sparse, max_norm, total)
     return total

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from seekling.config import ModelConfig
-from seekling.model.engram import Engram, EngramBatch, EngramInput, EngramVocab
+from seekling.model.engram import Engram, EngramBatch, EngramInput, EngramVocab, table_parameters
 from seekling.model.mhc import HyperConnection, HyperHead, expand_streams, hc_write
 from seekling.model.mla import MLA
 from seekling.model.mlp import MLP
@@ -194,4 +194,4 @@ class Transformer(nn.Module):
 
     def table_params(self) -> int:
         """Parameters in Engram tables (0 without Engram)."""
-        return sum(layer.engram.table.weight.numel() for layer in self.layers if layer.engram is not None)
+        return sum(p.numel() for _, p in table_parameters(self))

@@ -119,13 +119,18 @@ def clip_grad_norm_with_sparse(params: Iterable[torch.Tensor], max_norm: float) 
     if dense:
         norms.append(torch.nn.utils.get_total_norm([p.grad for p in dense], foreach=True))
     total = torch.linalg.vector_norm(torch.stack(norms))
-    # The same coefficient as clip_grad_norm_: max_norm / (norm + 1e-6), never above 1.
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     if dense:
         torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total, foreach=True)
+    clip_sparse_grads_with_norm_(sparse, max_norm, total)
+    return total
+
+
+def clip_sparse_grads_with_norm_(sparse: list[torch.Tensor], max_norm: float, total: torch.Tensor) -> None:
+    """Scale sparse gradients by clip_grads_with_norm_'s coefficient for the global norm `total`
+    (max_norm / (total + 1e-6), never above 1), which torch's has no sparse kernel for."""
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in sparse:
         p.grad = p.grad * coef
-    return total
 
 
 @dataclass(frozen=True, kw_only=True)
