@@ -30,7 +30,12 @@ steps (seekling's own, train/core.py) taken in alternation (plain, mHC, mHC, pla
 for each of eager fp32, eager bf16 autocast and compiled bf16 (`--modes`), and prints the median step
 time of each and mHC's change in tokens/s from the median of the per-round ratios. Times are the
 thread's CPU time at `--threads` 1 (the default): on a shared machine another process's load then
-costs wall time but not the step's own CPU time. ~5 minutes on a 2-core CPU, the compiles included.
+costs wall time but not the step's own CPU time. Beside each mode it prints the floor measured in
+the same run (`stream_floor_ms`: the projection GEMMs and the few sweeps over the streams that a
+fused implementation cannot avoid, on this machine's kernels), and for eager fp32 where the time
+goes (`eager_breakdown_ms`: each op of one HyperConnection, forward and backward, timed alone, times
+the number of HyperConnections, against the measured difference of the steps). ~8 minutes on a
+2-core CPU, the compiles included.
 """
 
 import argparse
@@ -44,6 +49,7 @@ import torch
 
 from seekling.config import ModelConfig
 from seekling.data.dataset import TrainLoader, prepare_tokens
+from seekling.model import mhc
 from seekling.model.mhc import HyperConnection
 from seekling.model.transformer import Transformer
 from seekling.presets import get_preset, with_mhc
@@ -97,6 +103,87 @@ def _room_for_every_variant() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
+def _cpu_ms(fn, repeats: int = 15) -> float:
+    """Median thread CPU time of fn() in ms, after two untimed calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        c = time.thread_time()
+        fn()
+        times.append(time.thread_time() - c)
+    return statistics.median(times) * 1e3
+
+
+def stream_floor_ms(cfg: ModelConfig, tokens: int) -> dict:
+    """The least extra time an mHC training step can take over the plain one on this machine's kernels.
+
+    Per HyperConnection, a fused implementation (V4's TileLang kernels) still has to run the three
+    GEMMs of the mixing projection, forward (N, nD) @ (nD, M) and backward into the streams and into
+    `fn`, each of which reads the fp32 streams once (so the read y and its gradient can ride along),
+    plus two more sweeps over the streams: the write x' = comb^T x + post F (read x and F, write x')
+    and its backward (read the gradient and x, write the streams' gradient). Each sweep is timed as
+    an (N, n*D) fp32 add (two reads, one write); the plain residual's own two sweeps per sublayer
+    (h + F forward, the gradient sum backward, (N, D) fp32) are subtracted, since mHC replaces them.
+    HyperHeads (one per model and MTP block) count as one GEMM trio and one sweep. Left out, so the
+    figure is a floor: the per-token coefficient math (sigmoids, softmax, 20 Sinkhorn rounds on
+    (n, n) in registers) and the expansion of the embedding into n streams.
+    """
+    n, D = cfg.hc_mult, cfg.dim
+    M = (2 + n) * n
+    x, x2, out = (torch.randn(tokens, n * D) for _ in range(3))
+    h, h2, hout = (torch.randn(tokens, D) for _ in range(3))
+    fn, g = torch.randn(M, n * D), torch.randn(tokens, M)
+    head_fn, head_g = torch.randn(n, n * D), torch.randn(tokens, n)
+    sweep = _cpu_ms(lambda: torch.add(x, x2, out=out))
+    plain_sweep = _cpu_ms(lambda: torch.add(h, h2, out=hout))
+    gemms = _cpu_ms(lambda: x @ fn.t()) + _cpu_ms(lambda: g @ fn) + _cpu_ms(lambda: g.t() @ x)
+    head_gemms = _cpu_ms(lambda: x @ head_fn.t()) + _cpu_ms(lambda: head_g @ head_fn) + _cpu_ms(lambda: head_g.t() @ x)
+    hcs, heads = 2 * (cfg.n_layers + cfg.n_mtp_layers), 1 + cfg.n_mtp_layers
+    total = hcs * (gemms + 2 * sweep - 2 * plain_sweep) + heads * (head_gemms + sweep)
+    return dict(sweep_ms=sweep, plain_sweep_ms=plain_sweep, gemms_ms=gemms, hyper_connections=hcs, heads=heads,
+                total_ms=total)
+
+
+def eager_breakdown_ms(cfg: ModelConfig, tokens: int) -> dict:
+    """Where eager mHC's time goes: each op of one HyperConnection, forward + backward, at the model's shapes.
+
+    Times the module's own functions (seekling/model/mhc.py) on fp32 streams (N, n, D) with a fixed
+    upstream gradient, thread CPU time; the sum times the number of HyperConnections, beside the
+    measured difference of the two steps, says how much of the overhead these ops explain.
+    """
+    n, D = cfg.hc_mult, cfg.dim
+    hc = HyperConnection(cfg)
+    torch.nn.init.normal_(hc.fn, std=cfg.initializer_range)
+    x = torch.randn(tokens, n, D, requires_grad=True)
+    f = torch.randn(tokens, D, requires_grad=True)
+
+    def fwd_bwd(fn_):
+        def run():
+            out = fn_()
+            torch.autograd.backward(out, [torch.ones_like(o) for o in out])
+        return run
+
+    def coefficients_only():
+        return mhc.hc_coefficients(x, hc.fn, hc.base, hc.scale, sinkhorn_iters=0, hc_eps=cfg.hc_eps,
+                                   norm_eps=cfg.norm_eps)
+
+    with torch.no_grad():
+        pre, post, comb = (t.detach().requires_grad_() for t in hc.coefficients(x))
+    comb_raw = comb.detach().clone().requires_grad_()
+    parts = {
+        "projection (mixes)": fwd_bwd(lambda: (mhc._mixes(x, hc.fn, cfg.norm_eps),)),
+        "sigmoid/softmax": None,
+        "sinkhorn": fwd_bwd(lambda: (mhc._Sinkhorn.apply(comb_raw, cfg.hc_sinkhorn_iters, cfg.hc_eps),)),
+        "read (pre)": fwd_bwd(lambda: (mhc._read(x, pre),)),
+        "write (post, comb)": fwd_bwd(lambda: (mhc.hc_write(x, f, post, comb),)),
+    }
+    ms = {name: _cpu_ms(run) for name, run in parts.items() if run is not None}
+    # The coefficient math without Sinkhorn, minus the projection it starts from.
+    ms["sigmoid/softmax"] = max(0.0, _cpu_ms(fwd_bwd(coefficients_only)) - ms["projection (mixes)"])
+    return {name: ms[name] for name in parts}
+
+
 OVERHEAD_MODES = {"eager-fp32": ("float32", False), "eager-bf16": ("bfloat16", False),
                   "compiled-bf16": ("bfloat16", True), "compiled-fp32": ("float32", True)}
 
@@ -143,13 +230,35 @@ def overhead(args) -> dict:
                           change=ratio - 1, wall_change=wall_ratio - 1)
         print(f"  plain {rows[mode]['plain_s'] * 1e3:.0f} ms, mHC {rows[mode]['mhc_s'] * 1e3:.0f} ms per step: "
               f"{ratio - 1:+.1%} tokens/s", flush=True)
+    tokens = args.batch * args.seq
+    floor = stream_floor_ms(cfgs["mhc"], tokens)
+    for r in rows.values():
+        r["floor_change"] = r["plain_s"] / (r["plain_s"] + floor["total_ms"] / 1e3) - 1
     print(f"\n{args.preset} vs {args.preset} + mHC (n = {args.hc}): full training steps of {args.batch}x{args.seq} "
           f"tokens in alternation, {args.timing_rounds} rounds, {args.threads} thread(s), median\n")
-    print(f"{'mode':<15}{'plain ms/step':>15}{'mHC ms/step':>13}{'tokens/s (CPU)':>16}{'(wall)':>9}")
+    print(f"{'mode':<15}{'plain ms/step':>15}{'mHC ms/step':>13}{'tokens/s (CPU)':>16}{'(wall)':>9}{'floor':>8}")
     for mode, r in rows.items():
-        print(f"{mode:<15}{r['plain_s'] * 1e3:>15.0f}{r['mhc_s'] * 1e3:>13.0f}{r['change']:>+16.1%}{r['wall_change']:>+9.1%}")
+        print(f"{mode:<15}{r['plain_s'] * 1e3:>15.0f}{r['mhc_s'] * 1e3:>13.0f}{r['change']:>+16.1%}"
+              f"{r['wall_change']:>+9.1%}{r['floor_change']:>+8.1%}")
     print("\ntokens/s: mHC's change against the plain model, the median over rounds of the ratio of the two steps' "
-          "thread CPU times (wall: of their wall times). Target: no worse than -15% (issue 13).")
+          "thread CPU times (wall: of their wall times). Target: no worse than -15% (issue 13).\n"
+          f"floor: the change if mHC cost only its floor, {floor['total_ms']:.0f} ms per step on this machine: "
+          f"{floor['hyper_connections']} HyperConnections x (projection GEMMs fwd+bwd {floor['gemms_ms']:.2f} ms "
+          f"+ 2 stream sweeps of {floor['sweep_ms']:.2f} ms - the plain residual's 2 of {floor['plain_sweep_ms']:.2f} ms)"
+          f" + {floor['heads']} heads (see stream_floor_ms).")
+    if "eager-fp32" in rows:
+        parts = eager_breakdown_ms(cfgs["mhc"], tokens)
+        n_hc = floor["hyper_connections"]
+        measured = (rows["eager-fp32"]["mhc_s"] - rows["eager-fp32"]["plain_s"]) * 1e3
+        print(f"\nwhere eager fp32 mHC's time goes, per step ({n_hc} HyperConnections x each op's forward + backward "
+              f"at {tokens} tokens, timed alone):")
+        for name, ms in parts.items():
+            print(f"  {name:<22}{ms:>7.2f} ms x {n_hc} = {ms * n_hc:>6.0f} ms")
+        print(f"  {'sum':<22}{'':>18}{sum(parts.values()) * n_hc:>6.0f} ms   (measured step difference "
+              f"{measured:.0f} ms; the rest: the heads, the stream expansion, the optimizer over the mixing "
+              f"parameters, and cache effects of the n-times larger residual on the sublayers)")
+        rows["eager-fp32"]["breakdown_ms"] = parts
+    rows["floor"] = floor
     return rows
 
 

@@ -1,7 +1,9 @@
 import os
 
-import pytest
-import torch
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # before torch loads MKL: see seekling/__init__.py
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hypothesis import settings
 
 # CI replays the same examples every run (a random failure would block a landing without a way to

@@ -174,11 +174,16 @@ def test_rollout_batches_hold_what_the_engine_sampled(base_model, one_thread):
     assert len({tuple(o.output_ids) for o in ro.outputs}) > 6  # and the seeds differ across the group
     assert ro.rewards.shape == (3, 4)
     adv, _ = group_advantages(ro.rewards)
-    keep = [0, 1, 2, 3, 8, 9, 10, 11]  # problems 0 and 2
+    keep = [8, 9, 10, 11, 0, 1, 2, 3]  # problems 2 and 0 (2's prompt is the longer: the batches reorder them)
     batches = micro_batches(ro, adv.flatten(), keep, size=5, pad_id=tok.pad_id)
     assert [b["input_ids"].shape[0] for b in batches] == [5, 3]
     rows = [(b, r) for b in batches for r in range(b["input_ids"].shape[0])]
-    for (b, r), i in zip(rows, keep):
+    # Grouped by length (shortest first, ties in keep's order), so a micro-batch pads little.
+    length = {i: len(ro.prompts[i // 4]) + len(ro.outputs[i].output_ids) for i in keep}
+    in_order = sorted(keep, key=length.get)
+    assert len(set(length.values())) > 1 and in_order != keep  # the sampled lengths differ: the order is tested
+    assert max(length[i] for i in in_order[:5]) == batches[0]["input_ids"].shape[1]
+    for (b, r), i in zip(rows, in_order):
         prompt, out = ro.prompts[i // 4], ro.outputs[i]
         n, m = len(prompt), len(out.output_ids)
         assert b["input_ids"][r, :n].tolist() == prompt and b["input_ids"][r, n:n + m].tolist() == out.output_ids

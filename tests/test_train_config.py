@@ -148,6 +148,15 @@ def test_wsd_schedule():
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_fast_bf16_needs_the_flag_and_a_measured_speedup(monkeypatch):
+    assert 0 < device_mod.bf16_matmul_speedup.__wrapped__() < 100  # a real measurement: a finite ratio of times
+    fast = device_mod.cpu_has_fast_bf16.__wrapped__  # the uncached check
+    for flag, speedup, expected in [(False, 3.0, False), (True, 0.5, False), (True, 1.1, False), (True, 2.0, True)]:
+        monkeypatch.setattr(device_mod, "cpu_has_bf16_flag", lambda flag=flag: flag)
+        monkeypatch.setattr(device_mod, "bf16_matmul_speedup", lambda speedup=speedup: speedup)
+        assert fast() is expected, (flag, speedup)
+
+
 def test_auto_dtype_uses_bf16_only_with_native_support(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: False)

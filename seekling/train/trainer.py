@@ -221,8 +221,9 @@ def _session(cfg: TrainConfig, run_dir: Path, ckpt: Path | None, par: Parallel |
     print(f"compute: {str(dtype).removeprefix('torch.')} on {device.type}; measured matmul peak "
           f"{peak / 1e12:.3f} TFLOP/s ({bf16_peak / 1e12:.3f} in bf16); MFU is relative to it")
     if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
-        print(f"warning: this CPU has no native bf16, so bf16 matmuls are emulated ({peak / measure_peak_flops(torch.float32):.0%} "
-              "of the fp32 speed measured above); --dtype auto would train in fp32")
+        print(f"warning: bf16 matmuls are not faster than fp32 on this CPU (emulated, or native but slower: "
+              f"{peak / measure_peak_flops(torch.float32):.0%} of the fp32 speed measured above); "
+              "--dtype auto would train in fp32")
 
     def step(i: int) -> tuple[dict, int]:
         lr = lr_at(i, cfg)
