@@ -41,7 +41,7 @@ BF16_MIN_SPEEDUP = 1.2
 
 @functools.cache
 def bf16_matmul_speedup() -> float:
-    """fp32 time / bf16 time of one 512x512x512 CPU matmul at the current thread count (best of 5, ~20 ms)."""
+    """fp32 time / bf16 time of one 512x512x512 CPU matmul at the current thread count (best of 5; ~50 ms with the warm-up)."""
     g = torch.Generator().manual_seed(0)
     a32, b32 = torch.randn(512, 512, generator=g), torch.randn(512, 512, generator=g)
     best = {}

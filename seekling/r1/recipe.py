@@ -53,7 +53,7 @@ SFT_SETTINGS = dict(max_steps=600, batch_size=16, lr=1e-3, eval_every=200, eval_
 # GRPO: 32 prompts x 8 completions per step, dapo loss with clip-higher, lr 3e-5. 1e-4 made held-out
 # pass@1 fall from 53% to 40-47% within 20 steps with 16 prompts (the policy gradient of 16 groups is
 # mostly noise, and AdamW turns noise into steps of size lr on every weight); 5e-5 and 6e-5 gained
-# ~2 points in 100-150 steps; 32 prompts per step rose steadily where 16 wandered (from one SFT model:
+# 1.5-3.5 points in 100-150 steps; 32 prompts per step rose steadily where 16 wandered (from one SFT model:
 # 57.0 / 59.5 / 61.0 / 63.0 / 67.0 / 67.0% at 50..300 steps against 54.5 / 59.0 / 57.5 / 57.5 /
 # 61.5 / 59.0%). Two updates per batch gained less per step at 1.5x the step time. This recipe,
 # measured (README, "Where it stands"): 62.0% -> 70.5 / 72.5 / 72.5 / 75.5 / 78.0 / 79.5% at 50..300.
