@@ -42,14 +42,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_decode import best, launch  # a sibling script, found through the path set above
 
 
-def timed_ms(fn, repeats: int = 200) -> float:
-    for _ in range(10):
+def timed_ms(fn, repeats: int = 200, *, warmup: int = 10, clock=time.perf_counter) -> float:
+    """Median time of fn() in ms after `warmup` untimed calls; `clock=time.thread_time` for CPU time."""
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return median(times) * 1e3
 
 

@@ -60,6 +60,7 @@ from seekling.train.state import read_metrics
 from seekling.train.trainer import pretraining_step, train
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_floor import timed_ms  # noqa: E402
 from bench_moe_vs_dense import interleaved_step_times  # noqa: E402  (one timing loop for every bench)
 
 
@@ -103,16 +104,9 @@ def _room_for_every_variant() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
-def _cpu_ms(fn, repeats: int = 15) -> float:
-    """Median thread CPU time of fn() in ms, after two untimed calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        c = time.thread_time()
-        fn()
-        times.append(time.thread_time() - c)
-    return statistics.median(times) * 1e3
+def _cpu_ms(fn) -> float:
+    """Median thread CPU time of fn() in ms over 15 calls, after two untimed ones."""
+    return timed_ms(fn, repeats=15, warmup=2, clock=time.thread_time)
 
 
 def stream_floor_ms(cfg: ModelConfig, tokens: int) -> dict:

@@ -1,9 +1,8 @@
 import os
 
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # before torch loads MKL: see seekling/__init__.py
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import seekling  # noqa: F401  (first: it sets MKL_CBWR before torch loads MKL, see seekling/__init__.py)
+import pytest
+import torch
 from hypothesis import settings
 
 # CI replays the same examples every run (a random failure would block a landing without a way to
