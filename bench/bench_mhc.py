@@ -4,7 +4,7 @@ unconstrained hyper-connections (the same streams with the Sinkhorn projection o
 
     python bench/bench_mhc.py [--preset tiny] [--hc 4] [--steps 300] [--batch 8] [--seq 256]
                               [--variants baseline,wide,mhc,hc] [--compile] [--out runs/bench-mhc]
-    python bench/bench_mhc.py --overhead [--modes eager-fp32,eager-bf16,compiled-bf16] [--timing-rounds 6]
+    python bench/bench_mhc.py --overhead [--modes eager-fp32,eager-bf16,...] [--timing-rounds 6]
 
 Every variant trains through seekling's own trainer with the same TrainConfig (same tokens in the same
 order, same schedule, same seed). `baseline` is the preset itself; mHC adds only its mixing projections
@@ -21,24 +21,26 @@ absolute column sum. Doubly-stochastic C keep both at 1; without the projection 
 measured on one fixed held-out batch every `--probe-every` steps (outside the timed steps); the
 table reports the largest value over tokens at the end, the plot its course.
 
-`--compile` trains every variant with TrainConfig(compile=True) (one torch.compile graph per step),
-where mHC's small ops are fused; eager runs them op by op. Defaults: ~35 minutes on a 2-core CPU.
+`--compile` trains every variant with TrainConfig(compile=True) (torch.compile graphs per step; mHC's
+fused CPU kernels are ops inside them). Defaults: ~35 minutes on a 2-core CPU.
 Writes metrics, `mhc.png` and `results.json` under --out.
 
 `--overhead` only prices mHC, with no training run: the preset and the preset with mHC, full training
 steps (seekling's own, train/core.py) taken in alternation (plain, mHC, mHC, plain, ...) in one process,
-for each of eager fp32, eager bf16 autocast and compiled bf16 (`--modes`), and prints the median step
+for each of eager and compiled, fp32 and bf16 autocast, with mHC's fused CPU kernels, and eager fp32
+on PyTorch ops (`-ops`: the path without a C compiler) (`--modes`), and prints the median step
 time of each and mHC's change in tokens/s from the median of the per-round ratios. Times are the
 thread's CPU time at `--threads` 1 (the default): on a shared machine another process's load then
 costs wall time but not the step's own CPU time. Beside each mode it prints the floor measured in
 the same run (`stream_floor_ms`: the projection GEMMs and the few sweeps over the streams that a
-fused implementation cannot avoid, on this machine's kernels), and for eager fp32 where the time
-goes (`eager_breakdown_ms`: each op of one HyperConnection, forward and backward, timed alone, times
-the number of HyperConnections, against the measured difference of the steps). ~8 minutes on a
-2-core CPU, the compiles included.
+fused implementation cannot avoid, on this machine's kernels), and for eager fp32 (either path) where
+the time goes (`eager_breakdown_ms`: each op of one HyperConnection, forward and backward, timed
+alone, times the number of HyperConnections, against the measured difference of the steps).
+~12 minutes on a 2-core CPU, the compiles included.
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -49,7 +51,7 @@ import torch
 
 from seekling.config import ModelConfig
 from seekling.data.dataset import TrainLoader, prepare_tokens
-from seekling.model import mhc
+from seekling.model import mhc, mhc_kernels
 from seekling.model.mhc import HyperConnection
 from seekling.model.transformer import Transformer
 from seekling.presets import get_preset, with_mhc
@@ -144,7 +146,9 @@ def eager_breakdown_ms(cfg: ModelConfig, tokens: int) -> dict:
 
     Times the module's own functions (seekling/model/mhc.py) on fp32 streams (N, n, D) with a fixed
     upstream gradient, thread CPU time; the sum times the number of HyperConnections, beside the
-    measured difference of the two steps, says how much of the overhead these ops explain.
+    measured difference of the two steps, says how much of the overhead these ops explain. With the
+    fused kernels (mhc_kernels.py) a HyperConnection is two ops, the read (RMS scale, projection
+    GEMMs, coefficients, Sinkhorn, read) and the write; on PyTorch ops it is split finer.
     """
     n, D = cfg.hc_mult, cfg.dim
     hc = HyperConnection(cfg)
@@ -158,12 +162,16 @@ def eager_breakdown_ms(cfg: ModelConfig, tokens: int) -> dict:
             torch.autograd.backward(out, [torch.ones_like(o) for o in out])
         return run
 
+    with torch.no_grad():
+        pre, post, comb = (t.detach().requires_grad_() for t in hc.coefficients(x))
+    if mhc_kernels.applies(x, hc.fn):
+        return {"read (fused)": _cpu_ms(fwd_bwd(lambda: hc(x))),
+                "write (fused)": _cpu_ms(fwd_bwd(lambda: (mhc.hc_write(x, f, post, comb),)))}
+
     def coefficients_only():
         return mhc.hc_coefficients(x, hc.fn, hc.base, hc.scale, sinkhorn_iters=0, hc_eps=cfg.hc_eps,
                                    norm_eps=cfg.norm_eps)
 
-    with torch.no_grad():
-        pre, post, comb = (t.detach().requires_grad_() for t in hc.coefficients(x))
     comb_raw = comb.detach().clone().requires_grad_()
     parts = {
         "projection (mixes)": fwd_bwd(lambda: (mhc._mixes(x, hc.fn, cfg.norm_eps),)),
@@ -178,8 +186,42 @@ def eager_breakdown_ms(cfg: ModelConfig, tokens: int) -> dict:
     return {name: ms[name] for name in parts}
 
 
-OVERHEAD_MODES = {"eager-fp32": ("float32", False), "eager-bf16": ("bfloat16", False),
-                  "compiled-bf16": ("bfloat16", True), "compiled-fp32": ("float32", True)}
+# mode: (dtype, compile, fused kernels). "-ops": mHC on PyTorch ops (mhc_kernels.switched_off), the
+# path a machine without a C compiler takes, for the comparison.
+OVERHEAD_MODES = {"eager-fp32": ("float32", False, True), "eager-bf16": ("bfloat16", False, True),
+                  "compiled-bf16": ("bfloat16", True, True), "compiled-fp32": ("float32", True, True),
+                  "eager-fp32-ops": ("float32", False, False), "compiled-fp32-ops": ("float32", True, False)}
+
+
+def _time_mode(args, mode: str, cfgs: dict, dtype: str, compile_: bool, loader) -> dict:
+    """Median step times of the plain and the mHC model in one mode, steps taken in alternation."""
+    steps = {}
+    for name, cfg in cfgs.items():
+        tcfg = train_preset(args.preset, model=cfg, batch_size=args.batch, seq_len=args.seq, dtype=dtype,
+                            compile=compile_)
+        model = Transformer(cfg)
+        model.init_weights(0)
+        steps[name] = pretraining_step(model, tcfg, getattr(torch, dtype))
+    print(f"{mode}: warming up{' (compiling)' if compile_ else ''} ...", flush=True)
+    for name, step in steps.items():
+        for r in range(2):  # a compiled step compiles its graphs in the first
+            step([loader.batch(r)])
+    cpu = {name: [] for name in steps}
+    wall = {name: [] for name in steps}
+    for r in range(args.timing_rounds):
+        batch = loader.batch(2 + r)
+        for name in (steps if r % 2 == 0 else reversed(steps)):  # plain, mHC, mHC, plain, ...
+            t, c = time.perf_counter(), time.thread_time()
+            steps[name]([batch])
+            cpu[name].append(time.thread_time() - c)
+            wall[name].append(time.perf_counter() - t)
+    ratio = statistics.median(p / m for p, m in zip(cpu["plain"], cpu["mhc"]))
+    wall_ratio = statistics.median(p / m for p, m in zip(wall["plain"], wall["mhc"]))
+    row = dict(plain_s=statistics.median(cpu["plain"]), mhc_s=statistics.median(cpu["mhc"]),
+               change=ratio - 1, wall_change=wall_ratio - 1)
+    print(f"  plain {row['plain_s'] * 1e3:.0f} ms, mHC {row['mhc_s'] * 1e3:.0f} ms per step: "
+          f"{ratio - 1:+.1%} tokens/s", flush=True)
+    return row
 
 
 def overhead(args) -> dict:
@@ -195,44 +237,20 @@ def overhead(args) -> dict:
     for mode in [m.strip() for m in args.modes.split(",")]:
         if mode not in OVERHEAD_MODES:
             raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(OVERHEAD_MODES)}")
-        dtype, compile_ = OVERHEAD_MODES[mode]
+        dtype, compile_, fused = OVERHEAD_MODES[mode]
         torch._dynamo.reset()  # each mode compiles afresh (see _room_for_every_variant)
         _room_for_every_variant()
-        steps = {}
-        for name, cfg in cfgs.items():
-            tcfg = train_preset(args.preset, model=cfg, batch_size=args.batch, seq_len=args.seq, dtype=dtype,
-                                compile=compile_)
-            model = Transformer(cfg)
-            model.init_weights(0)
-            steps[name] = pretraining_step(model, tcfg, getattr(torch, dtype))
-        print(f"{mode}: warming up{' (compiling)' if compile_ else ''} ...", flush=True)
-        for name, step in steps.items():
-            for r in range(2):  # a compiled step compiles its graphs in the first
-                step([loader.batch(r)])
-        cpu = {name: [] for name in steps}
-        wall = {name: [] for name in steps}
-        for r in range(args.timing_rounds):
-            batch = loader.batch(2 + r)
-            for name in (steps if r % 2 == 0 else reversed(steps)):  # plain, mHC, mHC, plain, ...
-                t, c = time.perf_counter(), time.thread_time()
-                steps[name]([batch])
-                cpu[name].append(time.thread_time() - c)
-                wall[name].append(time.perf_counter() - t)
-        ratio = statistics.median(p / m for p, m in zip(cpu["plain"], cpu["mhc"]))
-        wall_ratio = statistics.median(p / m for p, m in zip(wall["plain"], wall["mhc"]))
-        rows[mode] = dict(plain_s=statistics.median(cpu["plain"]), mhc_s=statistics.median(cpu["mhc"]),
-                          change=ratio - 1, wall_change=wall_ratio - 1)
-        print(f"  plain {rows[mode]['plain_s'] * 1e3:.0f} ms, mHC {rows[mode]['mhc_s'] * 1e3:.0f} ms per step: "
-              f"{ratio - 1:+.1%} tokens/s", flush=True)
+        with contextlib.nullcontext() if fused else mhc_kernels.switched_off():
+            rows[mode] = _time_mode(args, mode, cfgs, dtype, compile_, loader)
     tokens = args.batch * args.seq
     floor = stream_floor_ms(cfgs["mhc"], tokens)
     for r in rows.values():
         r["floor_change"] = r["plain_s"] / (r["plain_s"] + floor["total_ms"] / 1e3) - 1
     print(f"\n{args.preset} vs {args.preset} + mHC (n = {args.hc}): full training steps of {args.batch}x{args.seq} "
           f"tokens in alternation, {args.timing_rounds} rounds, {args.threads} thread(s), median\n")
-    print(f"{'mode':<15}{'plain ms/step':>15}{'mHC ms/step':>13}{'tokens/s (CPU)':>16}{'(wall)':>9}{'floor':>8}")
+    print(f"{'mode':<18}{'plain ms/step':>15}{'mHC ms/step':>13}{'tokens/s (CPU)':>16}{'(wall)':>9}{'floor':>8}")
     for mode, r in rows.items():
-        print(f"{mode:<15}{r['plain_s'] * 1e3:>15.0f}{r['mhc_s'] * 1e3:>13.0f}{r['change']:>+16.1%}"
+        print(f"{mode:<18}{r['plain_s'] * 1e3:>15.0f}{r['mhc_s'] * 1e3:>13.0f}{r['change']:>+16.1%}"
               f"{r['wall_change']:>+9.1%}{r['floor_change']:>+8.1%}")
     print("\ntokens/s: mHC's change against the plain model, the median over rounds of the ratio of the two steps' "
           "thread CPU times (wall: of their wall times). Target: no worse than -15% (issue 13).\n"
@@ -240,18 +258,21 @@ def overhead(args) -> dict:
           f"{floor['hyper_connections']} HyperConnections x (projection GEMMs fwd+bwd {floor['gemms_ms']:.2f} ms "
           f"+ 2 stream sweeps of {floor['sweep_ms']:.2f} ms - the plain residual's 2 of {floor['plain_sweep_ms']:.2f} ms)"
           f" + {floor['heads']} heads (see stream_floor_ms).")
-    if "eager-fp32" in rows:
-        parts = eager_breakdown_ms(cfgs["mhc"], tokens)
+    for mode in ("eager-fp32", "eager-fp32-ops"):
+        if mode not in rows:
+            continue
+        with contextlib.nullcontext() if OVERHEAD_MODES[mode][2] else mhc_kernels.switched_off():
+            parts = eager_breakdown_ms(cfgs["mhc"], tokens)
         n_hc = floor["hyper_connections"]
-        measured = (rows["eager-fp32"]["mhc_s"] - rows["eager-fp32"]["plain_s"]) * 1e3
-        print(f"\nwhere eager fp32 mHC's time goes, per step ({n_hc} HyperConnections x each op's forward + backward "
+        measured = (rows[mode]["mhc_s"] - rows[mode]["plain_s"]) * 1e3
+        print(f"\nwhere {mode} mHC's time goes, per step ({n_hc} HyperConnections x each op's forward + backward "
               f"at {tokens} tokens, timed alone):")
         for name, ms in parts.items():
             print(f"  {name:<22}{ms:>7.2f} ms x {n_hc} = {ms * n_hc:>6.0f} ms")
         print(f"  {'sum':<22}{'':>18}{sum(parts.values()) * n_hc:>6.0f} ms   (measured step difference "
               f"{measured:.0f} ms; the rest: the heads, the stream expansion, the optimizer over the mixing "
               f"parameters, and cache effects of the n-times larger residual on the sublayers)")
-        rows["eager-fp32"]["breakdown_ms"] = parts
+        rows[mode]["breakdown_ms"] = parts
     rows["floor"] = floor
     return rows
 
@@ -271,7 +292,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="train with TrainConfig(compile=True)")
     ap.add_argument("--out", default="runs/bench-mhc")
     ap.add_argument("--overhead", action="store_true", help="only time plain vs mHC steps (no training), per mode")
-    ap.add_argument("--modes", default="eager-fp32,eager-bf16,compiled-bf16",
+    ap.add_argument("--modes", default="eager-fp32,eager-bf16,compiled-fp32,compiled-bf16,eager-fp32-ops",
                     help=f"with --overhead: any of {', '.join(OVERHEAD_MODES)}")
     ap.add_argument("--threads", type=int, default=1, help="with --overhead: torch threads")
     args = ap.parse_args()

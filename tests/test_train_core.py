@@ -2,6 +2,7 @@
 losses, and compilation by wrapping (the caller's modules untouched, the engine on the same weights)."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -166,3 +167,15 @@ def test_compiled_step_wraps_and_the_engine_shares_its_weights():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # the engine compiled nothing
     step(_batches(1, seed=7))  # the trainer moves the weights; the engine's next request sees them
     assert engine.generate([[1, 2, 3]], greedy)[0].output_ids == _greedy(model, [1, 2, 3], 6)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cpu_training_keeps_freed_memory_for_reuse():
+    # TrainStep on the CPU asks glibc to keep freed blocks (seekling.device.keep_freed_memory), and
+    # glibc takes both settings (mallopt returns 1 for each).
+    from seekling import device
+
+    model = torch.nn.Linear(2, 2)
+    model.cfg = type("Cfg", (), {})()
+    TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda *a: None)
+    assert device.keep_freed_memory() is True

@@ -46,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 from seekling.data.corpus import CORPUS_PATH, VAL_WORKS, corpus_documents
+from seekling.device import cache_dir
 from seekling.tokenizer import SeeklingTokenizer
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".jsonl")
@@ -155,10 +156,7 @@ def read_documents(path: str | os.PathLike) -> list[Document]:
 
 def default_cache_dir() -> Path:
     """Where token shards live unless a cache_dir is passed."""
-    if env := os.environ.get("SEEKLING_CACHE"):
-        return Path(env).expanduser() / "tokens"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "seekling" / "tokens"
+    return cache_dir() / "tokens"
 
 
 _SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")

@@ -28,14 +28,18 @@ hc_sinkhorn_iters = 0 switches the projection off (comb is the row softmax alone
 ablation bench/bench_mhc.py measures. transformers treats 0 like 1 (it always normalises columns
 once), so such a model is seekling-only; its checkpoints say so (model_type seekling_mhc).
 
-Two forms of the same arithmetic. Eager, each op on the streams (the mixing projection with its RMS
-scale, the read, the write, the Sinkhorn rounds) is one autograd.Function with a hand-written
-backward, held to its plain form (`*_reference`, V4's own expressions) by tests/test_mhc.py, values
-and gradients. Under torch.compile (the engine's compiled decode step, TrainConfig.compile) the plain
-forms go into the graph instead and Inductor fuses them; there are no graph breaks in either.
-Left out: V4's fused TileLang kernels. Eager, the streams are still read and written a dozen times
-per sublayer, n times the plain residual's traffic: bench/bench_mhc.py --overhead prices that in
-tokens/s.
+Three forms of the same arithmetic, each held to the plain one (`*_reference`, V4's own expressions)
+by the tests, values and gradients:
+  - fused CPU kernels (mhc_kernels.py, C): fp32 streams on the CPU, eager or inside a compiled
+    training step. A HyperConnection is two ops, the read (RMS scale, projection GEMM, coefficients
+    with Sinkhorn, read) and the write, each with one backward: the streams are swept a handful of
+    times per sublayer instead of dozens.
+  - autograd.Functions with hand-written backwards (`_Mixes`, `_Read`, `_Write`, `_Sinkhorn`): any
+    other dtype or device eagerly, and the CPU when no C compiler is at hand.
+  - the plain forms, when torch.compile traces a step without gradients (the engine's compiled
+    decode): Inductor fuses them into the step.
+There are no graph breaks in any of them. Left out: V4's fused TileLang GPU kernels.
+bench/bench_mhc.py --overhead prices each path in tokens/s against the plain residual.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seekling.config import ModelConfig
+from seekling.model import mhc_kernels
 
 
 def hc_coefficients(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *,
@@ -249,8 +254,20 @@ def _read(x, w):
     return read_reference(x, w) if torch.compiler.is_compiling() else _Read.apply(x, w)
 
 
+def _fused(x: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether the fused CPU kernels (mhc_kernels.py) take this call: fp32 streams and parameters on the
+    CPU, except while torch.compile traces a step without gradients (the engine's decode step), where
+    Inductor fuses the plain forms into the surrounding graph at no per-op cost."""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        return False
+    return mhc_kernels.applies(x, param)
+
+
 def hc_read(x: torch.Tensor, fn, base, scale, *, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
     """Streams x (B,T,n,D) -> the sublayer's input y (B,T,D) and the (post, comb) that `hc_write` needs."""
+    if _fused(x, fn):
+        with torch.autocast(x.device.type, enabled=False):
+            return mhc_kernels.read(x, fn, base, scale, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps, norm_eps=norm_eps)
     pre, post, comb = hc_coefficients(x, fn, base, scale, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps,
                                       norm_eps=norm_eps)
     with torch.autocast(x.device.type, enabled=False):  # summed in fp32, as V4, even under bf16 autocast
@@ -261,6 +278,8 @@ def hc_write(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.T
     """x'_k = post_k f + sum_j comb[j,k] x_j: streams x (B,T,n,D), sublayer output f (B,T,D) -> (B,T,n,D)."""
     # Autocast off: it would run the mixing matmul in bf16 and round the whole residual every sublayer.
     with torch.autocast(x.device.type, enabled=False):
+        if _fused(x, post):
+            return mhc_kernels.write(x, f, post, comb)
         return _write_fusable(x, f, post, comb) if torch.compiler.is_compiling() else _Write.apply(x, f, post, comb)
 
 
@@ -305,6 +324,9 @@ class HyperHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B,T,n,D) -> (B,T,D)."""
         with torch.autocast(x.device.type, enabled=False):
+            if _fused(x, self.hc_fn):
+                return mhc_kernels.read(x, self.hc_fn, self.hc_base, self.hc_scale, sinkhorn_iters=0,
+                                        hc_eps=self.hc_eps, norm_eps=self.norm_eps, head=True)[0]
             w = torch.sigmoid(_mixes(x, self.hc_fn, self.norm_eps) * self.hc_scale.float()
                               + self.hc_base.float()) + self.hc_eps
             return _read(x, w)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekling.device import keep_freed_memory
 from seekling.model.moe import RouterTrace
 from seekling.train.balance import moe_gates, sequence_balance_loss, update_expert_bias
 from seekling.train.optim import set_lr
@@ -166,6 +167,8 @@ class TrainStep:
                  clip_grad_norm: Callable[[Iterable[torch.Tensor], float], torch.Tensor] | None = None):
         self.model, self.optimizer, self.config = model, optimizer, config or StepConfig()
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # activations reuse freed memory instead of fresh pages each step
         self.n_gates = len(moe_gates(model))
         self.n_experts = getattr(model.cfg, "n_routed_experts", 0)
         self.reduce_counts, self.reduce_metrics, self.reduce_grads = reduce_counts, reduce_metrics, reduce_grads

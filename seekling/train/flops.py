@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from seekling.config import ModelConfig
+from seekling.device import cache_dir
 from seekling.model.engram import EngramConfig
 from seekling.stats import model_stats
 
@@ -25,9 +26,7 @@ _PEAKS: dict[tuple[str, torch.dtype], float] = {}
 
 
 def _peak_cache() -> Path:
-    if env := os.environ.get("SEEKLING_CACHE"):
-        return Path(env).expanduser() / "peak_flops.json"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "seekling" / "peak_flops.json"
+    return cache_dir() / "peak_flops.json"
 
 
 def _machine_key(device: torch.device, dtype: torch.dtype) -> str:
