@@ -1,4 +1,6 @@
-"""What this machine's matmul units are good at, so callers pick a fast compute dtype.
+"""Facts about this machine that callers act on: what its matmul units are good at (so they pick a
+fast compute dtype), its CPU flags, where derived files are cached, and the allocator setting that
+CPU training wants.
 
 bf16 is only fast on CPUs with native bf16 dot products (AMX or AVX512-BF16). On an AVX2-only CPU
 PyTorch emulates it: measured here (AMD EPYC, AVX2) a bf16 matmul ran ~10x slower than fp32.
