@@ -238,6 +238,8 @@ def test_a_built_library_is_reused(tmp_path, monkeypatch):
 def test_other_dtypes_and_devices_take_the_pytorch_path():
     x, fn = torch.randn(1, 2, 4, 8), torch.randn(24, 32)
     assert mhc._fused(x, fn)
+    with pytest.raises(TypeError, match="fp32 CPU tensors, got torch.float64"):  # called directly: refused, not misread
+        mhc_kernels.read(x.double(), fn, torch.zeros(24), torch.ones(3), sinkhorn_iters=1, hc_eps=EPS, norm_eps=EPS)
     assert not mhc._fused(x.double(), fn.double())
     assert not mhc._fused(x.bfloat16(), fn)
     assert not mhc._fused(x, fn.bfloat16())

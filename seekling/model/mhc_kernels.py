@@ -133,6 +133,14 @@ def switched_off():
         _off -= 1
 
 
+def _check(*tensors: torch.Tensor) -> None:
+    # The C code reads raw fp32 memory: anything else would be silently wrong numbers.
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            raise TypeError(f"mHC's CPU kernels take fp32 CPU tensors, got {t.dtype} on {t.device}; "
+                            "mhc.py routes other dtypes and devices to its PyTorch path (see applies())")
+
+
 def _p(t: torch.Tensor):
     return ctypes.c_void_p(t.data_ptr())
 
@@ -228,7 +236,7 @@ def _read_grad(ctx, gy, gpost, gcomb, *_):
     iters, hc_eps, head = ctx.args
     *lead, n, D = x.shape
     m = 0 if head else n
-    gy = torch.zeros(*lead, D, dtype=x.dtype) if gy is None else gy
+    gy = x.new_zeros(*lead, D) if gy is None else gy
     gpost = x.new_zeros(*lead, m) if gpost is None else gpost
     gcomb = x.new_zeros(*lead, m, m) if gcomb is None else gcomb
     gx, gfn, gbase, gscale = _read_backward(gy, gpost, gcomb, x, fn, base, scale, pre, raw, r, iters, hc_eps, head)
@@ -241,7 +249,9 @@ _read.register_autograd(_read_grad, setup_context=_read_setup)
 def read(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *, sinkhorn_iters: int,
          hc_eps: float, norm_eps: float, head: bool = False):
     """Streams x (B,T,n,D) -> y (B,T,D), post (B,T,n), comb (B,T,n,n) (head: y only, as a 1-tuple)."""
-    y, post, comb, *_ = _read(x.contiguous(), fn, base, scale, sinkhorn_iters, hc_eps, norm_eps, head)
+    _check(x, fn, base, scale)
+    y, post, comb, *_ = _read(x.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(), sinkhorn_iters,
+                              hc_eps, norm_eps, head)
     return (y,) if head else (y, post, comb)
 
 
@@ -289,4 +299,5 @@ _write.register_autograd(_write_grad, setup_context=_write_setup)
 
 def write(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """x'_k = post_k f + sum_j comb[j,k] x_j for fp32 streams x (B,T,n,D); f (B,T,D) in any dtype."""
+    _check(x, post, comb)
     return _write(x.contiguous(), f.float().contiguous(), post.contiguous(), comb.contiguous())
