@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(not mhc_kernels.available(), reason=f"mHC kernel
 EPS = 1e-6
 
 
-def _inputs(n, D, N, iters_seed=0):
-    g = torch.Generator().manual_seed(iters_seed)
+def _inputs(n, D, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
     M = (2 + n) * n
     return dict(x=torch.randn(N, n, D, generator=g, dtype=torch.float64),
                 fn=torch.randn(M, n * D, generator=g, dtype=torch.float64) * 0.05,
@@ -103,6 +103,30 @@ def test_kernels_give_the_same_bits_at_any_thread_count():
         for t in (1, 2, 3):
             torch.set_num_threads(t)
             runs.append((mhc_kernels._write(x, f, post, comb), *mhc_kernels._write_backward(grad, x, f, post, comb)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_coefficient_kernels_split_over_threads_give_the_same_bits():
+    # Each thread carves its own scratch from one allocation; 300 tokens are 19 blocks of 16 lanes.
+    from seekling.model.mhc_kernels import _call, _p
+
+    n, N, M = 4, 300, 24
+    g = torch.Generator().manual_seed(4)
+    raw, r = torch.randn(N, M, generator=g), torch.rand(N, generator=g) + 0.5
+    base, scale = torch.randn(M, generator=g), torch.rand(3, generator=g) + 0.5
+    grads = [torch.randn(N, n, generator=g), torch.randn(N, n, generator=g), torch.randn(N, n, n, generator=g)]
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            pre, post, comb, gz = torch.empty(N, n), torch.empty(N, n), torch.empty(N, n, n), torch.empty(N, M)
+            _call("hc_coeffs_fwd", _p(raw), _p(r), _p(base), _p(scale), _p(pre), _p(post), _p(comb), N, n, 20, EPS, 0)
+            _call("hc_coeffs_bwd", _p(raw), _p(r), _p(base), _p(scale), *map(_p, grads), _p(gz), N, n, 20, EPS, 0)
+            runs.append((pre, post, comb, gz))
     finally:
         torch.set_num_threads(threads)
     for other in runs[1:]:

@@ -12,6 +12,7 @@
  * rounding differs from PyTorch's order by a few ulps, which the tests allow.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -202,11 +203,29 @@ static inline i64 sinkhorn_steps(i64 iters) { return iters > 0 ? 2 * iters - 1 :
 static inline int step_axis(i64 s) { return s % 2 == 0 ? 0 : 1; }
 static inline i64 at(i64 a, i64 b, i64 n, int axis) { return axis == 0 ? b * n + a : a * n + b; }
 
-/* Scratch floats per thread: z (M), pre, post (n), sm (n^2), cs ((steps + 1) n^2), dens (steps n),
- * g, g2 (n^2), each times L lanes. */
+/* One thread's scratch for a block of L tokens, lanes innermost: z (M), pre, post (n), sm (n^2),
+ * cs ((steps + 1) n^2), dens (steps n), g, g2 (n^2). */
+typedef struct {
+    float *z, *pre, *post, *sm, *cs, *dens, *g, *g2;
+} Scratch;
+
 static i64 scratch_floats(i64 n, i64 iters) {
     const i64 steps = sinkhorn_steps(iters);
     return L * ((2 + n) * n + 2 * n + n * n + (steps + 1) * n * n + steps * n + 2 * n * n);
+}
+
+static Scratch carve(float *buf, i64 n, i64 iters) {
+    const i64 steps = sinkhorn_steps(iters);
+    Scratch s;
+    s.z = buf;
+    s.pre = s.z + (2 + n) * n * L;
+    s.post = s.pre + n * L;
+    s.sm = s.post + n * L;
+    s.cs = s.sm + n * n * L;
+    s.dens = s.cs + (steps + 1) * n * n * L;
+    s.g = s.dens + steps * n * L;
+    s.g2 = s.g + n * n * L;
+    return s;
 }
 
 /* For tokens t0 .. t0 + nb - 1 (nb <= L; missing lanes compute on zeros and are never stored): the
@@ -262,38 +281,34 @@ static void block_coefficients(const float *raw, const float *r, i64 nb, const f
     }
 }
 
-/* pre (N, n), and unless head: post (N, n), comb (N, n, n). head: the HyperHead's M = n weights. */
+/* pre (N, n), and unless head: post (N, n), comb (N, n, n). head: the HyperHead's M = n weights.
+ * Returns 1 if the scratch (allocated here, before the threads start) could not be. */
 int hc_coeffs_fwd(const float *raw, const float *r, const float *base, const float *scale, float *pre,
                   float *post, float *comb, i64 N, i64 n, i64 iters, float hc_eps, int head, int nt) {
     const i64 M = head ? n : (2 + n) * n, steps = sinkhorn_steps(iters), blocks = (N + L - 1) / L;
-    int failed = 0;
+    const i64 F = scratch_floats(n, iters);
+    float *buf = malloc(sizeof(float) * F * nt);
+    if (!buf) return 1;
 #pragma omp parallel num_threads(nt) if (N >= PAR_MIN_TOKENS)
     {
-        float *buf = malloc(sizeof(float) * scratch_floats(n, iters));
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        } else {
-            float *z = buf, *pr = z + M * L, *po = pr + n * L, *sm = po + n * L, *cs = sm + n * n * L;
-            float *dens = cs + (steps + 1) * n * n * L;
-            const float *c = cs + steps * n * n * L;
+        const Scratch sc = carve(buf + omp_get_thread_num() * F, n, iters);
+        const float *c = sc.cs + steps * n * n * L;
 #pragma omp for schedule(static)
-            for (i64 blk = 0; blk < blocks; blk++) {
-                const i64 t0 = blk * L, nb = N - t0 < L ? N - t0 : L;
-                block_coefficients(raw + t0 * M, r + t0, nb, base, scale, n, iters, hc_eps, head, z, pr, po, sm, cs,
-                                   dens);
-                for (i64 l = 0; l < nb; l++) {
-                    const i64 t = t0 + l;
-                    for (i64 j = 0; j < n; j++) pre[t * n + j] = pr[j * L + l];
-                    if (head) continue;
-                    for (i64 j = 0; j < n; j++) post[t * n + j] = po[j * L + l];
-                    for (i64 i = 0; i < n * n; i++) comb[t * n * n + i] = c[i * L + l];
-                }
+        for (i64 blk = 0; blk < blocks; blk++) {
+            const i64 t0 = blk * L, nb = N - t0 < L ? N - t0 : L;
+            block_coefficients(raw + t0 * M, r + t0, nb, base, scale, n, iters, hc_eps, head, sc.z, sc.pre, sc.post,
+                               sc.sm, sc.cs, sc.dens);
+            for (i64 l = 0; l < nb; l++) {
+                const i64 t = t0 + l;
+                for (i64 j = 0; j < n; j++) pre[t * n + j] = sc.pre[j * L + l];
+                if (head) continue;
+                for (i64 j = 0; j < n; j++) post[t * n + j] = sc.post[j * L + l];
+                for (i64 i = 0; i < n * n; i++) comb[t * n * n + i] = c[i * L + l];
             }
-            free(buf);
         }
     }
-    return failed;
+    free(buf);
+    return 0;
 }
 
 /* gz (N, M): dL/dz for the logits z = mixes * scale + base, given the gradients of pre, post and
@@ -304,74 +319,69 @@ int hc_coeffs_bwd(const float *raw, const float *r, const float *base, const flo
                   const float *gpost, const float *gcomb, float *gz, i64 N, i64 n, i64 iters, float hc_eps,
                   int head, int nt) {
     const i64 M = head ? n : (2 + n) * n, steps = sinkhorn_steps(iters), blocks = (N + L - 1) / L;
-    int failed = 0;
+    const i64 F = scratch_floats(n, iters);
+    float *buf = malloc(sizeof(float) * F * nt);
+    if (!buf) return 1;
 #pragma omp parallel num_threads(nt) if (N >= PAR_MIN_TOKENS)
     {
-        float *buf = malloc(sizeof(float) * scratch_floats(n, iters));
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        } else {
-            float *z = buf, *pr = z + M * L, *po = pr + n * L, *sm = po + n * L, *cs = sm + n * n * L;
-            float *dens = cs + (steps + 1) * n * n * L, *g = dens + steps * n * L, *g2 = g + n * n * L;
+        const Scratch sc = carve(buf + omp_get_thread_num() * F, n, iters);
+        const float *pr = sc.pre, *po = sc.post, *sm = sc.sm, *cs = sc.cs, *dens = sc.dens;
 #pragma omp for schedule(static)
-            for (i64 blk = 0; blk < blocks; blk++) {
-                const i64 t0 = blk * L, nb = N - t0 < L ? N - t0 : L;
-                block_coefficients(raw + t0 * M, r + t0, nb, base, scale, n, iters, hc_eps, head, z, pr, po, sm, cs,
-                                   dens);
-                float *gzb = z;  /* z is no longer needed: its rows become dL/dz */
+        for (i64 blk = 0; blk < blocks; blk++) {
+            const i64 t0 = blk * L, nb = N - t0 < L ? N - t0 : L;
+            block_coefficients(raw + t0 * M, r + t0, nb, base, scale, n, iters, hc_eps, head, sc.z, sc.pre, sc.post,
+                               sc.sm, sc.cs, sc.dens);
+            float *gzb = sc.z, *g = sc.g, *g2 = sc.g2;  /* z is no longer needed: its rows become dL/dz */
+            for (i64 j = 0; j < n; j++)
+                for (i64 l = 0; l < L; l++) {
+                    const float sg = pr[j * L + l] - hc_eps;
+                    gzb[j * L + l] = (l < nb ? gpre[(t0 + l) * n + j] : 0.f) * sg * (1.f - sg);
+                }
+            if (!head) {
                 for (i64 j = 0; j < n; j++)
                     for (i64 l = 0; l < L; l++) {
-                        const float sg = pr[j * L + l] - hc_eps;
-                        gzb[j * L + l] = (l < nb ? gpre[(t0 + l) * n + j] : 0.f) * sg * (1.f - sg);
+                        const float sg = 0.5f * po[j * L + l];
+                        gzb[(n + j) * L + l] = (l < nb ? gpost[(t0 + l) * n + j] : 0.f) * 2.f * sg * (1.f - sg);
                     }
-                if (!head) {
-                    for (i64 j = 0; j < n; j++)
-                        for (i64 l = 0; l < L; l++) {
-                            const float sg = 0.5f * po[j * L + l];
-                            gzb[(n + j) * L + l] = (l < nb ? gpost[(t0 + l) * n + j] : 0.f) * 2.f * sg * (1.f - sg);
-                        }
-                    for (i64 i = 0; i < n * n; i++)
-                        for (i64 l = 0; l < L; l++) g[i * L + l] = l < nb ? gcomb[(t0 + l) * n * n + i] : 0.f;
-                    for (i64 s = steps - 1; s >= 0; s--) {
-                        const float *out = cs + (s + 1) * n * n * L, *den = dens + s * n * L;
-                        const int axis = step_axis(s);
-                        for (i64 a = 0; a < n; a++) {
-                            float acc[L];
-#pragma omp simd
-                            for (i64 l = 0; l < L; l++) acc[l] = g[at(a, 0, n, axis) * L + l] * out[at(a, 0, n, axis) * L + l];
-                            for (i64 b = 1; b < n; b++)
-#pragma omp simd
-                                for (i64 l = 0; l < L; l++) acc[l] += g[at(a, b, n, axis) * L + l] * out[at(a, b, n, axis) * L + l];
-                            for (i64 b = 0; b < n; b++)
-#pragma omp simd
-                                for (i64 l = 0; l < L; l++) {
-                                    const i64 i = at(a, b, n, axis) * L + l;
-                                    g2[i] = (g[i] - acc[l]) / den[a * L + l];
-                                }
-                        }
-                        float *tmp = g; g = g2; g2 = tmp;
-                    }
-                    for (i64 j = 0; j < n; j++) {
+                for (i64 i = 0; i < n * n; i++)
+                    for (i64 l = 0; l < L; l++) g[i * L + l] = l < nb ? gcomb[(t0 + l) * n * n + i] : 0.f;
+                for (i64 s = steps - 1; s >= 0; s--) {
+                    const float *out = cs + (s + 1) * n * n * L, *den = dens + s * n * L;
+                    const int axis = step_axis(s);
+                    for (i64 a = 0; a < n; a++) {
                         float acc[L];
-                        for (i64 l = 0; l < L; l++) acc[l] = 0.f;
-                        for (i64 k = 0; k < n; k++)
 #pragma omp simd
-                            for (i64 l = 0; l < L; l++) acc[l] += g[(j * n + k) * L + l] * sm[(j * n + k) * L + l];
-                        for (i64 k = 0; k < n; k++)
+                        for (i64 l = 0; l < L; l++) acc[l] = g[at(a, 0, n, axis) * L + l] * out[at(a, 0, n, axis) * L + l];
+                        for (i64 b = 1; b < n; b++)
+#pragma omp simd
+                            for (i64 l = 0; l < L; l++) acc[l] += g[at(a, b, n, axis) * L + l] * out[at(a, b, n, axis) * L + l];
+                        for (i64 b = 0; b < n; b++)
 #pragma omp simd
                             for (i64 l = 0; l < L; l++) {
-                                const i64 i = (j * n + k) * L + l;
-                                gzb[(2 * n + j * n + k) * L + l] = sm[i] * (g[i] - acc[l]);
+                                const i64 i = at(a, b, n, axis) * L + l;
+                                g2[i] = (g[i] - acc[l]) / den[a * L + l];
                             }
                     }
+                    float *tmp = g; g = g2; g2 = tmp;
                 }
-                for (i64 l = 0; l < nb; l++)
-                    for (i64 m = 0; m < M; m++) gz[(t0 + l) * M + m] = gzb[m * L + l];
+                for (i64 j = 0; j < n; j++) {
+                    float acc[L];
+                    for (i64 l = 0; l < L; l++) acc[l] = 0.f;
+                    for (i64 k = 0; k < n; k++)
+#pragma omp simd
+                        for (i64 l = 0; l < L; l++) acc[l] += g[(j * n + k) * L + l] * sm[(j * n + k) * L + l];
+                    for (i64 k = 0; k < n; k++)
+#pragma omp simd
+                        for (i64 l = 0; l < L; l++) {
+                            const i64 i = (j * n + k) * L + l;
+                            gzb[(2 * n + j * n + k) * L + l] = sm[i] * (g[i] - acc[l]);
+                        }
+                }
             }
-            free(buf);
+            for (i64 l = 0; l < nb; l++)
+                for (i64 m = 0; m < M; m++) gz[(t0 + l) * M + m] = gzb[m * L + l];
         }
     }
-    return failed;
+    free(buf);
+    return 0;
 }
-

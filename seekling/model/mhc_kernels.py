@@ -134,6 +134,8 @@ def switched_off():
 
 
 def _check(*tensors: torch.Tensor) -> None:
+    if not available():  # builds and loads them on first use
+        raise RuntimeError(f"mHC's CPU kernels are not available here: {_state}")
     # The C code reads raw fp32 memory: anything else would be silently wrong numbers.
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != torch.float32:
