@@ -193,6 +193,11 @@ OVERHEAD_MODES = {"eager-fp32": ("float32", False, True), "eager-bf16": ("bfloat
                   "eager-fp32-ops": ("float32", False, False), "compiled-fp32-ops": ("float32", True, False)}
 
 
+def _mhc_path(fused: bool):
+    """The fused kernels as they are, or mHC on PyTorch ops for the block."""
+    return contextlib.nullcontext() if fused else mhc_kernels.switched_off()
+
+
 def _time_mode(args, mode: str, cfgs: dict, dtype: str, compile_: bool, loader) -> dict:
     """Median step times of the plain and the mHC model in one mode, steps taken in alternation."""
     steps = {}
@@ -240,7 +245,7 @@ def overhead(args) -> dict:
         dtype, compile_, fused = OVERHEAD_MODES[mode]
         torch._dynamo.reset()  # each mode compiles afresh (see _room_for_every_variant)
         _room_for_every_variant()
-        with contextlib.nullcontext() if fused else mhc_kernels.switched_off():
+        with _mhc_path(fused):
             rows[mode] = _time_mode(args, mode, cfgs, dtype, compile_, loader)
     tokens = args.batch * args.seq
     floor = stream_floor_ms(cfgs["mhc"], tokens)
@@ -261,7 +266,7 @@ def overhead(args) -> dict:
     for mode in ("eager-fp32", "eager-fp32-ops"):
         if mode not in rows:
             continue
-        with contextlib.nullcontext() if OVERHEAD_MODES[mode][2] else mhc_kernels.switched_off():
+        with _mhc_path(OVERHEAD_MODES[mode][2]):
             parts = eager_breakdown_ms(cfgs["mhc"], tokens)
         n_hc = floor["hyper_connections"]
         measured = (rows[mode]["mhc_s"] - rows[mode]["plain_s"]) * 1e3

@@ -39,24 +39,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 import warnings
 from statistics import median
 
 import torch
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_checkpoint(args) -> tuple[str, str, tempfile.TemporaryDirectory | None]:
@@ -201,6 +189,8 @@ def main():
 
         n_params = sum(p.numel() for p in systems["seekling engine"].model.parameters())
         import transformers
+
+        from seekling.device import cpu_name
 
         print(f"rollout benchmark: {name} ({n_params / 1e6:.1f}M params, fp32 on cpu), task {args.task}, "
               f"{args.prompts} prompts x {args.group} completions x {args.max_tokens} tokens "

@@ -13,6 +13,7 @@ a Zen 4 EPYC with the same flag bf16 was the faster. So a CPU with the flag is a
 import ctypes
 import functools
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -35,9 +36,20 @@ def cpu_has_bf16_flag() -> bool:
 
 def cpu_flags() -> str:
     """The CPU's feature flags as /proc/cpuinfo lists them ('' where there is none)."""
+    return _cpuinfo_line("flags", "Features")
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    line = _cpuinfo_line("model name")
+    return line.split(":", 1)[1].strip() if line else platform.processor() or platform.machine()
+
+
+def _cpuinfo_line(*keys: str) -> str:
+    """The first /proc/cpuinfo line that starts with one of keys ('' if none, or no /proc/cpuinfo)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+            return next((line for line in f if line.startswith(keys)), "")
     except OSError:
         return ""
 

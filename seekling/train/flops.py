@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 from seekling.config import ModelConfig
-from seekling.device import cache_dir
+from seekling.device import cache_dir, cpu_name
 from seekling.model.engram import EngramConfig
 from seekling.stats import model_stats
 
@@ -33,16 +32,9 @@ def _machine_key(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.processor())
+        name = cpu_name()
         name += f" x{torch.get_num_threads()} threads"
     return f"{name} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
 
 
 def measure_peak_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> float:
