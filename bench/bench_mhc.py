@@ -32,8 +32,8 @@ on PyTorch ops (`-ops`: the path without a C compiler) (`--modes`), and prints t
 time of each and mHC's change in tokens/s from the median of the per-round ratios. Times are the
 thread's CPU time at `--threads` 1 (the default): on a shared machine another process's load then
 costs wall time but not the step's own CPU time. Beside each mode it prints the floor measured in
-the same run (`stream_floor_ms`: the projection GEMMs and the few sweeps over the streams that a
-fused implementation cannot avoid, on this machine's kernels), and for eager fp32 (either path) where
+the same run (`stream_floor_ms`: the projection products at this machine's fp32 matmul peak and the
+few sweeps over the streams that no implementation can avoid), and for eager fp32 (either path) where
 the time goes (`eager_breakdown_ms`: each op of one HyperConnection, forward and backward, timed
 alone, times the number of HyperConnections, against the measured difference of the steps).
 ~12 minutes on a 2-core CPU, the compiles included.
@@ -58,6 +58,7 @@ from seekling.presets import get_preset, with_mhc
 from seekling.stats import model_stats
 from seekling.tokenizer import load_default_tokenizer
 from seekling.train.config import train_preset
+from seekling.train.flops import measure_peak_flops
 from seekling.train.state import read_metrics
 from seekling.train.trainer import pretraining_step, train
 
@@ -112,33 +113,33 @@ def _cpu_ms(fn) -> float:
 
 
 def stream_floor_ms(cfg: ModelConfig, tokens: int) -> dict:
-    """The least extra time an mHC training step can take over the plain one on this machine's kernels.
+    """The least extra time an mHC training step can take over the plain one on this machine.
 
-    Per HyperConnection, a fused implementation (V4's TileLang kernels) still has to run the three
-    GEMMs of the mixing projection, forward (N, nD) @ (nD, M) and backward into the streams and into
-    `fn`, each of which reads the fp32 streams once (so the read y and its gradient can ride along),
-    plus two more sweeps over the streams: the write x' = comb^T x + post F (read x and F, write x')
-    and its backward (read the gradient and x, write the streams' gradient). Each sweep is timed as
-    an (N, n*D) fp32 add (two reads, one write); the plain residual's own two sweeps per sublayer
-    (h + F forward, the gradient sum backward, (N, D) fp32) are subtracted, since mHC replaces them.
-    HyperHeads (one per model and MTP block) count as one GEMM trio and one sweep. Left out, so the
-    figure is a floor: the per-token coefficient math (sigmoids, softmax, 20 Sinkhorn rounds on
-    (n, n) in registers) and the expansion of the embedding into n streams.
+    Per HyperConnection, any implementation (V4's TileLang kernels, ours) has to do the three
+    products of the mixing projection, forward (N, nD) x (nD, M) and backward into the streams and
+    into `fn`: 6 N M nD flops, counted at this machine's fp32 matmul peak (a square GEMM's rate,
+    train/flops.py), and four sweeps over the fp32 streams: the read (x in), the write x' = comb^T x
+    + post F (x and F in, x' out), the write's backward (its gradient in) and the read's backward
+    (x in, the streams' gradient out), each timed as an (N, n*D) fp32 add (two reads, one write).
+    The plain residual's own two sweeps per sublayer (h + F forward, the gradient sum backward,
+    (N, D) fp32) are subtracted, since mHC replaces them. HyperHeads (one per model and MTP block)
+    count as their products and one sweep. Left out, so the figure is a floor: the per-token
+    coefficient math (sigmoids, softmax, 20 Sinkhorn rounds on (n, n)) and the expansion of the
+    embedding into n streams.
     """
     n, D = cfg.hc_mult, cfg.dim
     M = (2 + n) * n
     x, x2, out = (torch.randn(tokens, n * D) for _ in range(3))
     h, h2, hout = (torch.randn(tokens, D) for _ in range(3))
-    fn, g = torch.randn(M, n * D), torch.randn(tokens, M)
-    head_fn, head_g = torch.randn(n, n * D), torch.randn(tokens, n)
+    peak = measure_peak_flops(torch.float32)  # this process's threads
     sweep = _cpu_ms(lambda: torch.add(x, x2, out=out))
     plain_sweep = _cpu_ms(lambda: torch.add(h, h2, out=hout))
-    gemms = _cpu_ms(lambda: x @ fn.t()) + _cpu_ms(lambda: g @ fn) + _cpu_ms(lambda: g.t() @ x)
-    head_gemms = _cpu_ms(lambda: x @ head_fn.t()) + _cpu_ms(lambda: head_g @ head_fn) + _cpu_ms(lambda: head_g.t() @ x)
+    gemms = 6 * tokens * M * n * D / peak * 1e3
+    head_gemms = 6 * tokens * n * n * D / peak * 1e3
     hcs, heads = 2 * (cfg.n_layers + cfg.n_mtp_layers), 1 + cfg.n_mtp_layers
-    total = hcs * (gemms + 2 * sweep - 2 * plain_sweep) + heads * (head_gemms + sweep)
-    return dict(sweep_ms=sweep, plain_sweep_ms=plain_sweep, gemms_ms=gemms, hyper_connections=hcs, heads=heads,
-                total_ms=total)
+    total = hcs * (gemms + 4 * sweep - 2 * plain_sweep) + heads * (head_gemms + sweep)
+    return dict(sweep_ms=sweep, plain_sweep_ms=plain_sweep, gemms_ms=gemms, peak_gflops=peak / 1e9,
+                hyper_connections=hcs, heads=heads, total_ms=total)
 
 
 def eager_breakdown_ms(cfg: ModelConfig, tokens: int) -> dict:
@@ -148,7 +149,8 @@ def eager_breakdown_ms(cfg: ModelConfig, tokens: int) -> dict:
     upstream gradient, thread CPU time; the sum times the number of HyperConnections, beside the
     measured difference of the two steps, says how much of the overhead these ops explain. With the
     fused kernels (mhc_kernels.py) a HyperConnection is two ops, the read (RMS scale, projection
-    GEMMs, coefficients, Sinkhorn, read) and the write; on PyTorch ops it is split finer.
+    products, coefficients, Sinkhorn, the read and the mixing of the streams) and the write (post F
+    added); on PyTorch ops it is split finer.
     """
     n, D = cfg.hc_mult, cfg.dim
     hc = HyperConnection(cfg)
@@ -165,8 +167,10 @@ def eager_breakdown_ms(cfg: ModelConfig, tokens: int) -> dict:
     with torch.no_grad():
         pre, post, comb = (t.detach().requires_grad_() for t in hc.coefficients(x))
     if mhc_kernels.applies(x, hc.fn):
+        with torch.no_grad():
+            mixed = hc(x)[2].requires_grad_()  # the read's mixed streams, what the fused write takes
         return {"read (fused)": _cpu_ms(fwd_bwd(lambda: hc(x))),
-                "write (fused)": _cpu_ms(fwd_bwd(lambda: (mhc.hc_write(x, f, post, comb),)))}
+                "write (fused)": _cpu_ms(fwd_bwd(lambda: (mhc.hc_write(mixed, f, post),)))}
 
     def coefficients_only():
         return mhc.hc_coefficients(x, hc.fn, hc.base, hc.scale, sinkhorn_iters=0, hc_eps=cfg.hc_eps,
@@ -178,7 +182,7 @@ def eager_breakdown_ms(cfg: ModelConfig, tokens: int) -> dict:
         "sigmoid/softmax": None,
         "sinkhorn": fwd_bwd(lambda: (mhc._Sinkhorn.apply(comb_raw, cfg.hc_sinkhorn_iters, cfg.hc_eps),)),
         "read (pre)": fwd_bwd(lambda: (mhc._read(x, pre),)),
-        "write (post, comb)": fwd_bwd(lambda: (mhc.hc_write(x, f, post, comb),)),
+        "write (post, comb)": fwd_bwd(lambda: (mhc.hc_write((x, comb), f, post),)),
     }
     ms = {name: _cpu_ms(run) for name, run in parts.items() if run is not None}
     # The coefficient math without Sinkhorn, minus the projection it starts from.
@@ -260,9 +264,9 @@ def overhead(args) -> dict:
     print("\ntokens/s: mHC's change against the plain model, the median over rounds of the ratio of the two steps' "
           "thread CPU times (wall: of their wall times). Target: no worse than -15% (issue 13).\n"
           f"floor: the change if mHC cost only its floor, {floor['total_ms']:.0f} ms per step on this machine: "
-          f"{floor['hyper_connections']} HyperConnections x (projection GEMMs fwd+bwd {floor['gemms_ms']:.2f} ms "
-          f"+ 2 stream sweeps of {floor['sweep_ms']:.2f} ms - the plain residual's 2 of {floor['plain_sweep_ms']:.2f} ms)"
-          f" + {floor['heads']} heads (see stream_floor_ms).")
+          f"{floor['hyper_connections']} HyperConnections x (projection products fwd+bwd {floor['gemms_ms']:.2f} ms "
+          f"at the fp32 matmul peak of {floor['peak_gflops']:.0f} GFLOP/s + 4 stream sweeps of {floor['sweep_ms']:.2f} "
+          f"ms - the plain residual's 2 of {floor['plain_sweep_ms']:.2f} ms) + {floor['heads']} heads (see stream_floor_ms).")
     for mode in ("eager-fp32", "eager-fp32-ops"):
         if mode not in rows:
             continue

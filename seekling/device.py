@@ -71,20 +71,25 @@ BF16_MIN_SPEEDUP = 1.2
 @functools.cache
 def bf16_matmul_speedup() -> float:
     """fp32 time / bf16 time of one 512x512x512 CPU matmul at the current thread count (best of 5; ~50 ms with the warm-up)."""
+    return _best_matmul_s(torch.float32)[0] / _best_matmul_s(torch.bfloat16)[0]
+
+
+def _best_matmul_s(dtype: torch.dtype) -> tuple[float, torch.dtype]:
+    """The best of 5 times of one 512x512x512 CPU matmul in dtype, and the dtype the product came out in."""
     g = torch.Generator().manual_seed(0)
-    a32, b32 = torch.randn(512, 512, generator=g), torch.randn(512, 512, generator=g)
-    best = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = a32.to(dtype), b32.to(dtype)
+    a, b = torch.randn(512, 512, generator=g).to(dtype), torch.randn(512, 512, generator=g).to(dtype)
+    # Autocast off: the first caller can be a MoE forward inside a bf16 autocast region, where the
+    # "fp32" matmul would run in bf16 as well, the ratio come out near 1 and the experts then run in
+    # fp32 for the rest of the process (seen: bench runs whose bf16 steps spent 300 ms in fp32 GEMMs).
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
         for _ in range(3):  # the first calls pay thread start-up and (bf16) oneDNN's kernel build
-            a @ b
+            out = a @ b
         times = []
         for _ in range(5):
             t = time.perf_counter()
-            a @ b
+            out = a @ b
             times.append(time.perf_counter() - t)
-        best[dtype] = min(times)
-    return best[torch.float32] / best[torch.bfloat16]
+    return min(times), out.dtype
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

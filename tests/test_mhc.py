@@ -58,28 +58,29 @@ def test_hyper_connection_matches_deepseek_v4(n, iters):
     pre_t = sigmoids[0] + v4_cfg.hc_eps
 
     pre, post, comb = ours.coefficients(x)
-    y, post2, comb2 = ours(x)
-    for a, b in ((pre, pre_t), (post, post_t), (comb, comb_t), (y, y_t), (post2, post_t), (comb2, comb_t)):
+    y, post2, carry = ours(x)
+    for a, b in ((pre, pre_t), (post, post_t), (comb, comb_t), (y, y_t), (post2, post_t)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     # The block update as DeepseekV4DecoderLayer writes it, against ours: x'_k = post_k f + sum_j comb[j,k] x_j.
     want = post_t.unsqueeze(-1) * f.unsqueeze(-2) + torch.einsum("btjk,btjd->btkd", comb_t, x)
-    torch.testing.assert_close(hc_write(x, f, post, comb), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hc_write(carry, f, post2), want, atol=1e-5, rtol=0)
     assert not torch.allclose(comb, comb.transpose(-1, -2), atol=1e-3)  # the mixing direction is tested
 
 
 def test_hyper_connection_gradients_match_deepseek_v4():
-    # Our hand-written Sinkhorn backward against autograd through their module.
+    # Our hand-written backwards (Sinkhorn's included) against autograd through their module, with
+    # every output in the loss: y, post, and the block update (where comb acts).
     ours_cfg, v4_cfg = _pair(4, 20)
     theirs = v4.DeepseekV4HyperConnection(v4_cfg)
     ours = spread_out(HyperConnection(ours_cfg), seed=1)
     theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 5, 4, ours_cfg.dim)
-    w = [torch.randn(2, 5, 4), torch.randn(2, 5, 4, 4), torch.randn(2, 5, ours_cfg.dim)]
+    x, f = torch.randn(2, 5, 4, ours_cfg.dim), torch.randn(2, 5, ours_cfg.dim)
+    w = [torch.randn(2, 5, 4), torch.randn(2, 5, 4, ours_cfg.dim), torch.randn(2, 5, ours_cfg.dim)]
     xs = [x.clone().requires_grad_() for _ in range(2)]
-    y_o, post_o, comb_o = ours(xs[0])
+    y_o, post_o, carry = ours(xs[0])
     post_t, comb_t, y_t = theirs(xs[1])
-    sum((a * b).sum() for a, b in zip((post_o, comb_o, y_o), w)).backward()
-    sum((a * b).sum() for a, b in zip((post_t, comb_t, y_t), w)).backward()
+    sum((a * b).sum() for a, b in zip((post_o, hc_write(carry, f, post_o), y_o), w)).backward()
+    sum((a * b).sum() for a, b in zip((post_t, write_reference(xs[1], f, post_t, comb_t), y_t), w)).backward()
     torch.testing.assert_close(xs[0].grad, xs[1].grad, atol=1e-5, rtol=1e-4)
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, dict(theirs.named_parameters())[name].grad, atol=1e-5, rtol=1e-4)
@@ -198,10 +199,10 @@ def test_stream_arithmetic_stays_fp32_under_bf16_autocast():
     hc = spread_out(HyperConnection(cfg), seed=7)
     x, f = torch.randn(2, 9, 4, cfg.dim), torch.randn(2, 9, cfg.dim).bfloat16()
     want = hc(x)
-    want = (*want, hc_write(x, f, want[1], want[2]))
+    want = (want[0], want[1], hc_write(want[2], f, want[1]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = hc(x)
-        got = (*got, hc_write(x, f, got[1], got[2]))
+        got = (got[0], got[1], hc_write(got[2], f, got[1]))
     for a, b in zip(got, want):
         assert a.dtype == torch.float32 and torch.equal(a, b)
 

@@ -28,14 +28,14 @@ def _inputs(n, D, N, seed=0):
 
 
 def _block_by_reference(x, fn, base, scale, f, iters):
-    """V4's expressions (fp64 here): coefficients, read, write."""
+    """V4's expressions (fp64 here): coefficients, read, write; and the mixed streams the kernels hand over."""
     pre, post, comb = mhc.hc_coefficients(x, fn, base, scale, sinkhorn_iters=iters, hc_eps=EPS, norm_eps=EPS)
-    return mhc.read_reference(x, pre), mhc.write_reference(x, f, post, comb), post, comb
+    return mhc.read_reference(x, pre), mhc.write_reference(x, f, post, comb), post, mhc.mix_reference(x, comb)
 
 
 def _block_by_kernels(x, fn, base, scale, f, iters):
-    y, post, comb = mhc_kernels.read(x, fn, base, scale, sinkhorn_iters=iters, hc_eps=EPS, norm_eps=EPS)
-    return y, mhc_kernels.write(x, f, post, comb), post, comb
+    y, post, mixed = mhc_kernels.read(x, fn, base, scale, sinkhorn_iters=iters, hc_eps=EPS, norm_eps=EPS)
+    return y, mhc_kernels.write(mixed, f, post), post, mixed
 
 
 def _values_and_grads(block, inputs, dtype, iters, upstream):
@@ -58,11 +58,12 @@ def _assert_close_relative(got, want, rel=2e-5):
 def test_hyper_connection_kernels_match_the_plain_forms_with_gradients(n, D, N, iters, one_thread):
     # Every n (4 has its own vectorised path, others the generic loops), D not a multiple of 8 (the
     # tails), token counts around the 16-token coefficient blocks and the 64-token parallel threshold,
-    # Sinkhorn off, one round and many; gradients for every input through the whole read + write.
+    # Sinkhorn off, one round and many; gradients for every input through the whole read + write, with
+    # upstream gradients on post and on the mixed streams too (each reaches the read's backward twice).
     inputs = _inputs(n, D, N)
     g = torch.Generator().manual_seed(1)
     upstream = [torch.randn(N, D, generator=g, dtype=torch.float64), torch.randn(N, n, D, generator=g, dtype=torch.float64),
-                torch.randn(N, n, generator=g, dtype=torch.float64), torch.randn(N, n, n, generator=g, dtype=torch.float64)]
+                torch.randn(N, n, generator=g, dtype=torch.float64), torch.randn(N, n, D, generator=g, dtype=torch.float64)]
     want = _values_and_grads(_block_by_reference, inputs, torch.float64, iters, upstream)
     got = _values_and_grads(_block_by_kernels, inputs, torch.float32, iters, upstream)
     assert all(t.dtype == torch.float32 for t in got)
@@ -95,38 +96,56 @@ def test_kernels_give_the_same_bits_at_any_thread_count():
     # Tokens are independent in every kernel, so the OpenMP split cannot change a sum's order.
     n, D, N = 4, 64, 300
     g = torch.Generator().manual_seed(3)
-    x, f, grad = torch.randn(N, n, D, generator=g), torch.randn(N, D, generator=g), torch.randn(N, n, D, generator=g)
-    post, comb = torch.rand(N, n, generator=g), torch.rand(N, n, n, generator=g)
+    mixed, grad = torch.randn(N, n, D, generator=g), torch.randn(N, n, D, generator=g)
+    f = torch.randn(N, D, generator=g)
+    post = torch.rand(N, n, generator=g)
     runs = []
     threads = torch.get_num_threads()
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            runs.append((mhc_kernels._write(x, f, post, comb), *mhc_kernels._write_backward(grad, x, f, post, comb)))
+            runs.append((mhc_kernels._write(mixed, f, post), *mhc_kernels._write_backward(grad, f, post)))
     finally:
         torch.set_num_threads(threads)
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
-def test_coefficient_kernels_split_over_threads_give_the_same_bits():
-    # Each thread carves its own scratch from one allocation; 300 tokens are 19 blocks of 16 lanes.
-    from seekling.model.mhc_kernels import _call, _p
+def test_write_takes_a_bf16_output_as_it_is(one_thread):
+    # Under bf16 autocast the sublayer's output is bf16: the write reads it without an fp32 copy and
+    # returns its gradient in bf16, rounded as PyTorch's cast rounds the fp32 gradient.
+    n, D, N = 4, 40, 70
+    g = torch.Generator().manual_seed(5)
+    mixed, post = torch.randn(N, n, D, generator=g), torch.rand(N, n, generator=g)
+    f = (torch.randn(N, D, generator=g) * 3).bfloat16()
+    up = torch.randn(N, n, D, generator=g)
+    grads = []
+    for ff in (f, f.float()):
+        leaf = ff.detach().requires_grad_()
+        out = mhc_kernels.write(mixed, leaf, post.detach().requires_grad_())
+        out.backward(up)
+        grads.append((out, leaf.grad))
+    (out_bf, gf_bf), (out_32, gf_32) = grads
+    assert gf_bf.dtype == torch.bfloat16 and torch.equal(out_bf, out_32)
+    assert torch.equal(gf_bf, gf_32.bfloat16())
 
-    n, N, M = 4, 300, 24
+
+def test_read_kernels_split_over_threads_give_the_same_bits():
+    # Each thread carves its own scratch from one allocation; 300 tokens are 19 blocks of 16 lanes and
+    # two 256-token partial sums of fn's gradient, added in order whichever thread made them.
+    n, D, N = 4, 64, 300
     g = torch.Generator().manual_seed(4)
-    raw, r = torch.randn(N, M, generator=g), torch.rand(N, generator=g) + 0.5
-    base, scale = torch.randn(M, generator=g), torch.rand(3, generator=g) + 0.5
-    grads = [torch.randn(N, n, generator=g), torch.randn(N, n, generator=g), torch.randn(N, n, n, generator=g)]
+    x, fn = torch.randn(N, n, D, generator=g), torch.randn(24, n * D, generator=g) * 0.05
+    base, scale = torch.randn(24, generator=g), torch.rand(3, generator=g) + 0.5
+    grads = [torch.randn(N, D, generator=g), torch.randn(N, n, generator=g), torch.randn(N, n, D, generator=g)]
     runs = []
     threads = torch.get_num_threads()
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            pre, post, comb, gz = torch.empty(N, n), torch.empty(N, n), torch.empty(N, n, n), torch.empty(N, M)
-            _call("hc_coeffs_fwd", _p(raw), _p(r), _p(base), _p(scale), _p(pre), _p(post), _p(comb), N, n, 20, EPS, 0)
-            _call("hc_coeffs_bwd", _p(raw), _p(r), _p(base), _p(scale), *map(_p, grads), _p(gz), N, n, 20, EPS, 0)
-            runs.append((pre, post, comb, gz))
+            y, post, mixed, pre, raw, r = mhc_kernels._read(x, fn, base, scale, 20, EPS, EPS, False)
+            runs.append((y, post, mixed, pre, raw, r,
+                         *mhc_kernels._read_backward(*grads, x, fn, base, scale, pre, raw, r, 20, EPS, False)))
     finally:
         torch.set_num_threads(threads)
     for other in runs[1:]:
@@ -173,8 +192,8 @@ def test_compiled_training_step_calls_the_kernels_without_graph_breaks(one_threa
     x = torch.randn(2, 17, 4, cfg.dim)
 
     def block(x):
-        y, post, comb = hc(x)
-        return mhc.hc_write(x, sublayer(y), post, comb)
+        y, post, mixed = hc(x)
+        return mhc.hc_write(mixed, sublayer(y), post)
 
     def loss_and_grads(fn):
         xx = x.clone().requires_grad_()

@@ -157,6 +157,14 @@ def test_fast_bf16_needs_the_flag_and_a_measured_speedup(monkeypatch):
         assert fast() is expected, (flag, speedup)
 
 
+def test_the_bf16_speedup_is_measured_outside_autocast():
+    # The first call may come from inside a bf16 autocast region (a MoE forward): the fp32 side of the
+    # comparison must still run in fp32, or the ratio is ~1 and the experts fall back to fp32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert device_mod._best_matmul_s(torch.float32)[1] == torch.float32
+        assert device_mod._best_matmul_s(torch.bfloat16)[1] == torch.bfloat16
+
+
 def test_auto_dtype_uses_bf16_only_with_native_support(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(device_mod, "cpu_has_fast_bf16", lambda: False)

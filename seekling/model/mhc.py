@@ -31,9 +31,10 @@ once), so such a model is seekling-only; its checkpoints say so (model_type seek
 Three forms of the same arithmetic, each held to the plain one (`*_reference`, V4's own expressions)
 by the tests, values and gradients:
   - fused CPU kernels (mhc_kernels.py, C): fp32 streams on the CPU, eager or inside a compiled
-    training step. A HyperConnection is two ops, the read (RMS scale, projection GEMM, coefficients
-    with Sinkhorn, read) and the write, each with one backward: the streams are swept a handful of
-    times per sublayer instead of dozens.
+    training step. A HyperConnection is two ops, the read (RMS scale, projection, coefficients with
+    Sinkhorn, the read y and the mixed streams sum_j comb[j,k] x_j, per block of tokens in one pass)
+    and the write (adds post_k F), each with one backward: the streams are swept a handful of times
+    per sublayer instead of dozens.
   - autograd.Functions with hand-written backwards (`_Mixes`, `_Read`, `_Write`, `_Sinkhorn`): any
     other dtype or device eagerly, and the CPU when no C compiler is at hand.
   - the plain forms, when torch.compile traces a step without gradients (the engine's compiled
@@ -93,7 +94,12 @@ def read_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def write_reference(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """x'_k = post_k f + sum_j comb[j,k] x_j in x's dtype, as DeepseekV4DecoderLayer writes it."""
     dt = x.dtype
-    return post.to(dt).unsqueeze(-1) * f.to(dt).unsqueeze(-2) + torch.matmul(comb.to(dt).transpose(-1, -2), x)
+    return post.to(dt).unsqueeze(-1) * f.to(dt).unsqueeze(-2) + mix_reference(x, comb)
+
+
+def mix_reference(x: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """The streams' own part of the write, sum_j comb[j,k] x_j, in x's dtype: (B,T,n,D), (B,T,n,n) -> (B,T,n,D)."""
+    return torch.matmul(comb.to(x.dtype).transpose(-1, -2), x)
 
 
 def sinkhorn_reference(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -263,23 +269,34 @@ def _fused(x: torch.Tensor, param: torch.Tensor) -> bool:
     return mhc_kernels.applies(x, param)
 
 
-def hc_read(x: torch.Tensor, fn, base, scale, *, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
-    """Streams x (B,T,n,D) -> the sublayer's input y (B,T,D) and the (post, comb) that `hc_write` needs."""
+# What a HyperConnection's read hands its write besides post: the streams' own part of the write
+# (sum_j comb[j,k] x_j), which the fused read computes while x is in its cache, so that the write
+# needs nothing else and the streams' gradient is assembled in one kernel (not summed by autograd
+# from the read's and the write's); or, on PyTorch ops, the streams and comb, which the write mixes
+# and adds to in one product (an (N, n, D) temporary less).
+Carry = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def hc_read(x: torch.Tensor, fn, base, scale, *, sinkhorn_iters: int, hc_eps: float,
+            norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, Carry]:
+    """Streams x (B,T,n,D) -> the sublayer's input y (B,T,D), post (B,T,n) and the carry that `hc_write` needs."""
     if _fused(x, fn):
         with torch.autocast(x.device.type, enabled=False):
             return mhc_kernels.read(x, fn, base, scale, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps, norm_eps=norm_eps)
     pre, post, comb = hc_coefficients(x, fn, base, scale, sinkhorn_iters=sinkhorn_iters, hc_eps=hc_eps,
                                       norm_eps=norm_eps)
     with torch.autocast(x.device.type, enabled=False):  # summed in fp32, as V4, even under bf16 autocast
-        return _read(x, pre), post, comb
+        return _read(x, pre), post, (x, comb)
 
 
-def hc_write(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """x'_k = post_k f + sum_j comb[j,k] x_j: streams x (B,T,n,D), sublayer output f (B,T,D) -> (B,T,n,D)."""
+def hc_write(carry: Carry, f: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    """x'_k = post_k f + sum_j comb[j,k] x_j from `hc_read`'s carry and post and the sublayer's output
+    f (B,T,D): (B,T,n,D) streams."""
     # Autocast off: it would run the mixing matmul in bf16 and round the whole residual every sublayer.
-    with torch.autocast(x.device.type, enabled=False):
-        if _fused(x, post):
-            return mhc_kernels.write(x, f, post, comb)
+    with torch.autocast(post.device.type, enabled=False):
+        if isinstance(carry, torch.Tensor):  # the fused read's mixed streams
+            return mhc_kernels.write(carry, f, post)
+        x, comb = carry
         return _write_fusable(x, f, post, comb) if torch.compiler.is_compiling() else _Write.apply(x, f, post, comb)
 
 
@@ -305,7 +322,7 @@ class HyperConnection(nn.Module):
                                hc_eps=self.hc_eps, norm_eps=self.norm_eps)
 
     def forward(self, x: torch.Tensor):
-        """Streams x (B,T,n,D) -> sublayer input (B,T,D), post (B,T,n), comb (B,T,n,n)."""
+        """Streams x (B,T,n,D) -> sublayer input (B,T,D), post (B,T,n), the carry for `hc_write`."""
         return hc_read(x, self.fn, self.base, self.scale, sinkhorn_iters=self.sinkhorn_iters,
                        hc_eps=self.hc_eps, norm_eps=self.norm_eps)
 

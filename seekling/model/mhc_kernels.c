@@ -1,15 +1,17 @@
 /* Fused CPU kernels for mHC's per-token stream arithmetic (seekling/model/mhc_kernels.py builds and
  * loads this file; seekling/model/mhc.py says what each quantity is).
  *
- * Why C: per token, mHC mixes n streams of D floats with (n, n) and (n,) coefficients and runs a
- * 20-round Sinkhorn on an (n, n) matrix. PyTorch spends that as dozens of small ops, each a pass
- * over memory or a batched GEMM of 4x4 matrices; here each kernel is one pass over the tokens.
+ * Why C: per token, mHC projects n streams of D floats to (2 + n) n logits, runs a 20-round
+ * Sinkhorn on an (n, n) matrix and mixes the streams. PyTorch spends that as dozens of small ops,
+ * each a pass over memory, a thin GEMM that packs the streams first, or a batched GEMM of 4x4
+ * matrices; here the read is one pass over the tokens in each direction and the write another.
  *
- * Layout: every array is contiguous fp32, tokens first: x (N, n, D), f and y (N, D), pre and post
- * (N, n), comb (N, n, n) with comb[t, j, k] the weight of stream j in new stream k, raw (N, M) the
- * projection before its RMS scale r (N). Tokens are independent, so the OpenMP loops over them give
- * the same bits whatever the thread count. Sums over D are vectorised (`omp simd reduction`): their
- * rounding differs from PyTorch's order by a few ulps, which the tests allow.
+ * Layout: every array is contiguous fp32, tokens first: x and mixed (N, n, D), f and y (N, D), pre
+ * and post (N, n), comb (N, n, n) with comb[t, j, k] the weight of stream j in new stream k, raw
+ * (N, M) the projection before its RMS scale r (N). Tokens are independent, and sums over tokens
+ * (the parameters' gradients) run over fixed chunks in order, so the results have the same bits
+ * whatever the thread count. Sums over D are vectorised: their rounding differs from PyTorch's
+ * order by a few ulps, which the tests allow.
  */
 #include <math.h>
 #include <omp.h>
@@ -30,164 +32,72 @@ static inline float dot(const float *a, const float *b, i64 D) {
 
 static inline float sigmoid(float z) { return 1.f / (1.f + expf(-z)); }
 
-/* ------------------------------------------------------------------ read: y = sum_j w_j x_j */
+/* ------------------------------------------------------------------ write: x'_k = mixed_k + post_k f */
+/* The read has already mixed the streams, mixed_k = sum_j comb[j,k] x_j, while they were in its
+ * cache, so the write only adds the sublayer's output, and its backward needs only the incoming
+ * gradient g: dL/dmixed is g itself (no pass), gf = sum_k post_k g_k and gpost_k = f . g_k.
+ * The sublayer's output f arrives in fp32 or, under bf16 autocast, in bf16 (fbf): read as such, and
+ * its gradient returned in the same dtype, rounded to nearest even as PyTorch's cast rounds, so
+ * that no (N, D) fp32 copy of f or of its gradient is made. */
+static inline float from_bf16(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays a (quiet) NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 
-void hc_read_fwd(const float *x, const float *w, float *y, i64 N, i64 n, i64 D, int nt) {
+void hc_write_fwd(const float *mixed, const float *f, const uint16_t *fbf, const float *post, float *out, i64 N, i64 n,
+                  i64 D, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt) if (N >= PAR_MIN_TOKENS)
     for (i64 t = 0; t < N; t++) {
-        const float *xt = x + t * n * D, *wt = w + t * n;
-        float *yt = y + t * D;
-        const float w0 = wt[0];
-#pragma omp simd
-        for (i64 d = 0; d < D; d++) yt[d] = w0 * xt[d];
-        for (i64 j = 1; j < n; j++) {
-            const float wj = wt[j], *xj = xt + j * D;
-#pragma omp simd
-            for (i64 d = 0; d < D; d++) yt[d] += wj * xj[d];
-        }
-    }
-}
-
-/* gw[t, j] = x[t, j] . gy[t]: the read's gradient for its weights. */
-void hc_read_bwd_w(const float *x, const float *gy, float *gw, i64 N, i64 n, i64 D, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nt) if (N >= PAR_MIN_TOKENS)
-    for (i64 t = 0; t < N; t++)
-        for (i64 j = 0; j < n; j++) gw[t * n + j] = dot(x + (t * n + j) * D, gy + t * D, D);
-}
-
-/* gx[t, j] += w[t, j] gy[t] + coef[t] x[t, j]: the read's gradient for the streams and the RMS
- * scale's (coef = -r^3/K sum_m g_m raw_m), added in one pass to the projection's GEMM output
- * (the GEMMs themselves stay with the BLAS: hand-blocked C loops measured slower than MKL there,
- * 2.4 / 4.1 / 3.5 ms against 2.2 / 1.7 / 1.6 ms for the three products at N = 2048, K = 1024). */
-void hc_read_bwd_x(float *gx, const float *x, const float *gy, const float *w, const float *coef,
-                   i64 N, i64 n, i64 D, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nt) if (N >= PAR_MIN_TOKENS)
-    for (i64 t = 0; t < N; t++) {
-        const float c = coef[t], *gyt = gy + t * D;
-        for (i64 j = 0; j < n; j++) {
-            const float wj = w[t * n + j], *xj = x + (t * n + j) * D;
-            float *gj = gx + (t * n + j) * D;
-#pragma omp simd
-            for (i64 d = 0; d < D; d++) gj[d] += wj * gyt[d] + c * xj[d];
-        }
-    }
-}
-
-/* ------------------------------------------------------------------ write: x'_k = post_k f + sum_j comb[j,k] x_j */
-
-/* n = 4 (DeepSeek-V4's hc_mult) spelled out on 8-float vectors (GNU C vector extensions, which gcc
- * and clang lower to AVX, SSE or NEON): each 8-float slice of the token is loaded once and every
- * output that needs it is computed from registers, the 20 dot products each in their own vector
- * accumulator. Written as loops over the streams (a dot product at a time, a pass per term), the
- * forward took 1.6 ms and this backward 3.5 ms at N = 2048, D = 256, 1 thread; `omp simd
- * reduction` over many variables becomes per-lane arrays in memory with gcc. */
-typedef float v8 __attribute__((vector_size(32)));
-#define V 8
-static inline v8 load8(const float *p) {
-    v8 v;
-    __builtin_memcpy(&v, p, sizeof v);
-    return v;
-}
-static inline void store8(float *p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
-static inline float hsum8(v8 v) {
-    float s = 0.f;
-    for (int l = 0; l < V; l++) s += v[l];
-    return s;
-}
-
-/* x'_k = post_k f + sum_j comb[j,k] x_j for one token, n = 4, the first Dv floats (a multiple of 8). */
-static void write_fwd4(const float *xt, const float *ft, const float *pt, const float *ct, float *ot, i64 D, i64 Dv) {
-    for (i64 d = 0; d < Dv; d += V) {
-        const v8 x0 = load8(xt + d), x1 = load8(xt + D + d), x2 = load8(xt + 2 * D + d), x3 = load8(xt + 3 * D + d);
-        const v8 f = load8(ft + d);
-        for (int k = 0; k < 4; k++)
-            store8(ot + k * D + d, pt[k] * f + ct[k] * x0 + ct[4 + k] * x1 + ct[8 + k] * x2 + ct[12 + k] * x3);
-    }
-}
-
-/* The backward of write_fwd4 over the first Dv floats; the dot products are returned unreduced (acc). */
-static void write_bwd4(const float *gt, const float *xt, const float *ft, const float *pt, const float *ct,
-                       float *gxt, float *gft, v8 acc[20], i64 D, i64 Dv) {
-    for (int i = 0; i < 20; i++) acc[i] = (v8){0};
-    for (i64 d = 0; d < Dv; d += V) {
-        const v8 g0 = load8(gt + d), g1 = load8(gt + D + d), g2 = load8(gt + 2 * D + d), g3 = load8(gt + 3 * D + d);
-        const v8 f = load8(ft + d);
-        store8(gft + d, pt[0] * g0 + pt[1] * g1 + pt[2] * g2 + pt[3] * g3);
-        acc[16] += f * g0; acc[17] += f * g1; acc[18] += f * g2; acc[19] += f * g3;
-        for (int j = 0; j < 4; j++) {
-            const v8 x = load8(xt + j * D + d);
-            const float *c = ct + 4 * j;
-            store8(gxt + j * D + d, c[0] * g0 + c[1] * g1 + c[2] * g2 + c[3] * g3);
-            acc[4 * j] += x * g0; acc[4 * j + 1] += x * g1; acc[4 * j + 2] += x * g2; acc[4 * j + 3] += x * g3;
-        }
-    }
-}
-
-/* Given g = dL/dx', all four gradients of one token:
- *   gx_j = sum_k comb[j,k] g_k    gf = sum_k post_k g_k    gpost_k = f . g_k    gcomb[j,k] = x_j . g_k
- * n = 4 goes through write_bwd4; the loops below do any n, and the tail of D past a multiple of 8. */
-static void write_bwd_token(const float *gt, const float *xt, const float *ft, const float *pt, const float *ct,
-                            float *gxt, float *gft, float *gpt, float *gct, i64 n, i64 D) {
-    i64 d0 = 0;
-    if (n == 4) {
-        v8 acc[20];
-        d0 = D - D % V;
-        write_bwd4(gt, xt, ft, pt, ct, gxt, gft, acc, D, d0);
-        for (int i = 0; i < 16; i++) gct[i] = hsum8(acc[i]);
-        for (int k = 0; k < 4; k++) gpt[k] = hsum8(acc[16 + k]);
-    } else {
-        for (i64 i = 0; i < n * n; i++) gct[i] = 0.f;
-        for (i64 k = 0; k < n; k++) gpt[k] = 0.f;
-    }
-    const i64 R = D - d0;
-    for (i64 k = 0; k < n; k++) gpt[k] += dot(ft + d0, gt + k * D + d0, R);
-    for (i64 j = 0; j < n; j++)
-        for (i64 k = 0; k < n; k++) gct[j * n + k] += dot(xt + j * D + d0, gt + k * D + d0, R);
-#pragma omp simd
-    for (i64 d = d0; d < D; d++) gft[d] = pt[0] * gt[d];
-    for (i64 k = 1; k < n; k++) {
-#pragma omp simd
-        for (i64 d = d0; d < D; d++) gft[d] += pt[k] * gt[k * D + d];
-    }
-    for (i64 j = 0; j < n; j++) {
-        float *gxj = gxt + j * D;
-#pragma omp simd
-        for (i64 d = d0; d < D; d++) gxj[d] = ct[j * n] * gt[d];
-        for (i64 k = 1; k < n; k++) {
-#pragma omp simd
-            for (i64 d = d0; d < D; d++) gxj[d] += ct[j * n + k] * gt[k * D + d];
-        }
-    }
-}
-
-void hc_write_fwd(const float *x, const float *f, const float *post, const float *comb, float *out,
-                  i64 N, i64 n, i64 D, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nt) if (N >= PAR_MIN_TOKENS)
-    for (i64 t = 0; t < N; t++) {
-        const float *xt = x + t * n * D, *ft = f + t * D, *ct = comb + t * n * n, *pt = post + t * n;
-        float *ot = out + t * n * D;
-        const i64 d0 = n == 4 ? D - D % V : 0;  /* n = 4: write_fwd4 up to d0, the loops below after it */
-        if (n == 4) write_fwd4(xt, ft, pt, ct, ot, D, d0);
         for (i64 k = 0; k < n; k++) {
-            float *o = ot + k * D;
+            const float p = post[t * n + k], *m = mixed + (t * n + k) * D;
+            float *o = out + (t * n + k) * D;
+            if (fbf) {
+                const uint16_t *ft = fbf + t * D;
 #pragma omp simd
-            for (i64 d = d0; d < D; d++) o[d] = pt[k] * ft[d];
-            for (i64 j = 0; j < n; j++) {
-                const float c = ct[j * n + k], *xj = xt + j * D;
+                for (i64 d = 0; d < D; d++) o[d] = m[d] + p * from_bf16(ft[d]);
+            } else {
+                const float *ft = f + t * D;
 #pragma omp simd
-                for (i64 d = d0; d < D; d++) o[d] += c * xj[d];
+                for (i64 d = 0; d < D; d++) o[d] = m[d] + p * ft[d];
             }
         }
     }
 }
 
-void hc_write_bwd(const float *g, const float *x, const float *f, const float *post, const float *comb,
-                  float *gx, float *gf, float *gpost, float *gcomb, i64 N, i64 n, i64 D, int nt) {
+/* Chunks of CW floats of a token: f (converted from bf16 where it is) and the gradient of f are
+ * built in arrays small enough for registers and L1, so the loops over them vectorise plainly. */
+#define CW 64
+
+void hc_write_bwd(const float *g, const float *f, const uint16_t *fbf, const float *post, float *gf, uint16_t *gfbf,
+                  float *gpost, i64 N, i64 n, i64 D, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt) if (N >= PAR_MIN_TOKENS)
     for (i64 t = 0; t < N; t++) {
-        const i64 o = t * n * D;
-        write_bwd_token(g + o, x + o, f + t * D, post + t * n, comb + t * n * n, gx + o, gf + t * D,
-                        gpost + t * n, gcomb + t * n * n, n, D);
+        const float *gt = g + t * n * D, *pt = post + t * n;
+        for (i64 k = 0; k < n; k++) gpost[t * n + k] = 0.f;
+        for (i64 d0 = 0; d0 < D; d0 += CW) {
+            const i64 w = D - d0 < CW ? D - d0 : CW;
+            float fc[CW], a[CW];
+            if (fbf)
+                for (i64 d = 0; d < w; d++) fc[d] = from_bf16(fbf[t * D + d0 + d]);
+            else
+                for (i64 d = 0; d < w; d++) fc[d] = f[t * D + d0 + d];
+            for (i64 d = 0; d < w; d++) a[d] = pt[0] * gt[d0 + d];
+            for (i64 k = 1; k < n; k++)
+                for (i64 d = 0; d < w; d++) a[d] += pt[k] * gt[k * D + d0 + d];
+            for (i64 k = 0; k < n; k++) gpost[t * n + k] += dot(fc, gt + k * D + d0, w);
+            if (gfbf)
+                for (i64 d = 0; d < w; d++) gfbf[t * D + d0 + d] = to_bf16(a[d]);
+            else
+                for (i64 d = 0; d < w; d++) gf[t * D + d0 + d] = a[d];
+        }
     }
 }
 
@@ -204,14 +114,15 @@ static inline int step_axis(i64 s) { return s % 2 == 0 ? 0 : 1; }
 static inline i64 at(i64 a, i64 b, i64 n, int axis) { return axis == 0 ? b * n + a : a * n + b; }
 
 /* One thread's scratch for a block of L tokens, lanes innermost: z (M), pre, post (n), sm (n^2),
- * cs ((steps + 1) n^2), dens (steps n), g, g2 (n^2). */
+ * cs ((steps + 1) n^2), dens (steps n), g, g2 (n^2); then token-major for the backward's stream
+ * pass: gpre (L n), graw (L M), coef (L), gcomb and comb (L n^2). */
 typedef struct {
-    float *z, *pre, *post, *sm, *cs, *dens, *g, *g2;
+    float *z, *pre, *post, *sm, *cs, *dens, *g, *g2, *gpre, *graw, *coef, *gcomb, *comb;
 } Scratch;
 
 static i64 scratch_floats(i64 n, i64 iters) {
-    const i64 steps = sinkhorn_steps(iters);
-    return L * ((2 + n) * n + 2 * n + n * n + (steps + 1) * n * n + steps * n + 2 * n * n);
+    const i64 steps = sinkhorn_steps(iters), M = (2 + n) * n;
+    return L * (M + 2 * n + n * n + (steps + 1) * n * n + steps * n + 2 * n * n + n + M + 1 + 2 * n * n);
 }
 
 static Scratch carve(float *buf, i64 n, i64 iters) {
@@ -225,6 +136,11 @@ static Scratch carve(float *buf, i64 n, i64 iters) {
     s.dens = s.cs + (steps + 1) * n * n * L;
     s.g = s.dens + steps * n * L;
     s.g2 = s.g + n * n * L;
+    s.gpre = s.g2 + n * n * L;
+    s.graw = s.gpre + n * L;
+    s.coef = s.graw + (2 + n) * n * L;
+    s.gcomb = s.coef + L;
+    s.comb = s.gcomb + n * n * L;
     return s;
 }
 
@@ -281,11 +197,310 @@ static void block_coefficients(const float *raw, const float *r, i64 nb, const f
     }
 }
 
-/* pre (N, n), and unless head: post (N, n), comb (N, n, n). head: the HyperHead's M = n weights.
- * Returns 1 if the scratch (allocated here, before the threads start) could not be. */
-int hc_coeffs_fwd(const float *raw, const float *r, const float *base, const float *scale, float *pre,
-                  float *post, float *comb, i64 N, i64 n, i64 iters, float hc_eps, int head, int nt) {
-    const i64 M = head ? n : (2 + n) * n, steps = sinkhorn_steps(iters), blocks = (N + L - 1) / L;
+/* dL/dz for the block (into the scratch's z rows, lanes innermost), given the gradients of pre
+ * (gpre, the block's nb x n, token-major), post and comb (the block's rows of the (N, n) and (N, n, n)
+ * arrays); the forward is recomputed (a few hundred flops per token) rather than stored. A Sinkhorn
+ * step c' = c / (sum_axis c + eps) backpropagates as g = (g' - sum_axis(g' c')) / den, the row
+ * softmax as dz = sm * (g - sum_k g sm). */
+static void block_coefficients_bwd(const float *raw, const float *r, i64 nb, const float *base, const float *scale,
+                                   i64 n, i64 iters, float hc_eps, int head, const float *gpre, const float *gpost,
+                                   const float *gcomb, Scratch sc) {
+    const i64 steps = sinkhorn_steps(iters);
+    block_coefficients(raw, r, nb, base, scale, n, iters, hc_eps, head, sc.z, sc.pre, sc.post, sc.sm, sc.cs, sc.dens);
+    const float *pr = sc.pre, *po = sc.post, *sm = sc.sm, *cs = sc.cs, *dens = sc.dens;
+    float *gzb = sc.z, *g = sc.g, *g2 = sc.g2;  /* z is no longer needed: its rows become dL/dz */
+    for (i64 j = 0; j < n; j++)
+        for (i64 l = 0; l < L; l++) {
+            const float sg = pr[j * L + l] - hc_eps;
+            gzb[j * L + l] = (l < nb ? gpre[l * n + j] : 0.f) * sg * (1.f - sg);
+        }
+    if (head) return;
+    for (i64 j = 0; j < n; j++)
+        for (i64 l = 0; l < L; l++) {
+            const float sg = 0.5f * po[j * L + l];
+            gzb[(n + j) * L + l] = (l < nb ? gpost[l * n + j] : 0.f) * 2.f * sg * (1.f - sg);
+        }
+    for (i64 i = 0; i < n * n; i++)
+        for (i64 l = 0; l < L; l++) g[i * L + l] = l < nb ? gcomb[l * n * n + i] : 0.f;
+    for (i64 s = steps - 1; s >= 0; s--) {
+        const float *out = cs + (s + 1) * n * n * L, *den = dens + s * n * L;
+        const int axis = step_axis(s);
+        for (i64 a = 0; a < n; a++) {
+            float acc[L];
+#pragma omp simd
+            for (i64 l = 0; l < L; l++) acc[l] = g[at(a, 0, n, axis) * L + l] * out[at(a, 0, n, axis) * L + l];
+            for (i64 b = 1; b < n; b++)
+#pragma omp simd
+                for (i64 l = 0; l < L; l++) acc[l] += g[at(a, b, n, axis) * L + l] * out[at(a, b, n, axis) * L + l];
+            for (i64 b = 0; b < n; b++)
+#pragma omp simd
+                for (i64 l = 0; l < L; l++) {
+                    const i64 i = at(a, b, n, axis) * L + l;
+                    g2[i] = (g[i] - acc[l]) / den[a * L + l];
+                }
+        }
+        float *tmp = g; g = g2; g2 = tmp;
+    }
+    for (i64 j = 0; j < n; j++) {
+        float acc[L];
+        for (i64 l = 0; l < L; l++) acc[l] = 0.f;
+        for (i64 k = 0; k < n; k++)
+#pragma omp simd
+            for (i64 l = 0; l < L; l++) acc[l] += g[(j * n + k) * L + l] * sm[(j * n + k) * L + l];
+        for (i64 k = 0; k < n; k++)
+#pragma omp simd
+            for (i64 l = 0; l < L; l++) {
+                const i64 i = (j * n + k) * L + l;
+                gzb[(2 * n + j * n + k) * L + l] = sm[i] * (g[i] - acc[l]);
+            }
+    }
+}
+
+/* ------------------------------------------------------------------ the projection's products */
+/* The three products of the projection (raw = x fn^T forward; g_raw fn and g_raw^T x backward) are
+ * thin: M = (2 + n) n = 24 rows of fn against K = n D = 1024 floats per token. A BLAS packs the
+ * token matrix into its panel layout for each of them, an extra pass over the streams; here they
+ * run inside the block loops while the block's streams are in cache, on register tiles (TB tokens
+ * x 6 rows of fn forward; GT, GM, GC below for the backward), and the streams are read once per
+ * direction. Measured at N = 2048, 1 thread of a 2-core AMD EPYC (Zen 5): the whole read forward
+ * 2.0 ms and backward 3.2 ms against 3.6 and 6.9 ms with MKL's GEMMs and separate passes (MKL alone:
+ * 2.1, 1.9 and 2.1 ms for the three products). VW floats per vector: AVX-512's 16 where the
+ * compiler targets it, else AVX2's 8. */
+#if defined(__AVX512F__)
+#define VW 16
+#define TB 4
+#else
+#define VW 8
+#define TB 2
+#endif
+typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+static inline vf ldv(const float *p) {
+    vf v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void stv(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+static inline float hsumv(vf v) {
+    float s = 0.f;
+    for (int l = 0; l < VW; l++) s += v[l];
+    return s;
+}
+
+/* raw[l, m] = x_l . fn_m for tb tokens (tb = TB or 1, a constant where inlined), K a multiple of VW. */
+static inline __attribute__((always_inline)) void project_tile(const float *x, const float *fn, float *raw, i64 M,
+                                                               i64 K, const int tb) {
+    i64 m = 0;
+    for (; m + 6 <= M; m += 6) {
+        vf a[TB][6];
+        for (int i = 0; i < tb; i++)
+            for (int j = 0; j < 6; j++) a[i][j] = (vf){0};
+        for (i64 k = 0; k < K; k += VW) {
+            vf xv[TB];
+            for (int i = 0; i < tb; i++) xv[i] = ldv(x + i * K + k);
+            for (int j = 0; j < 6; j++) {
+                const vf f = ldv(fn + (m + j) * K + k);
+                for (int i = 0; i < tb; i++) a[i][j] += xv[i] * f;
+            }
+        }
+        for (int i = 0; i < tb; i++)
+            for (int j = 0; j < 6; j++) raw[i * M + m + j] = hsumv(a[i][j]);
+    }
+    for (; m < M; m++) {
+        vf a[TB];
+        for (int i = 0; i < tb; i++) a[i] = (vf){0};
+        for (i64 k = 0; k < K; k += VW) {
+            const vf f = ldv(fn + m * K + k);
+            for (int i = 0; i < tb; i++) a[i] += ldv(x + i * K + k) * f;
+        }
+        for (int i = 0; i < tb; i++) raw[i * M + m] = hsumv(a[i]);
+    }
+}
+
+/* raw (nb, M) = x (nb, K) fn^T for the tokens of one block. */
+static void project(const float *x, const float *fn, float *raw, i64 nb, i64 M, i64 K) {
+    if (K % VW) {
+        for (i64 l = 0; l < nb; l++)
+            for (i64 m = 0; m < M; m++) raw[l * M + m] = dot(x + l * K, fn + m * K, K);
+        return;
+    }
+    i64 l = 0;
+    for (; l + TB <= nb; l += TB) project_tile(x + l * K, fn, raw + l * M, M, K, TB);
+    for (; l < nb; l++) project_tile(x + l * K, fn, raw + l * M, M, K, 1);
+}
+
+/* The backward's two products on register tiles of GT tokens x GC vectors of the streams' gradient
+ * and of GM rows x GC vectors of fn's: each loaded vector feeds GT (or GM) multiply-adds, so the
+ * loops run at the multiply-add rate instead of waiting on loads. */
+#if defined(__AVX512F__)
+#define GT 4
+#define GM 6
+#else
+#define GT 2
+#define GM 2
+#endif
+#define GC 4
+
+/* gx_l,j = sum_m graw[l, m] fn_m + pre[l, j] gy_l + coef_l x_l,j + sum_k comb[l, j, k] gm_l,k for tb
+ * tokens (tb = GT or 1, a constant where inlined): the projection's, the read's, the RMS scale's and
+ * the mixing's terms of the streams' gradient in one store (gm = dL/dmixed, NULL for the head,
+ * which does not mix). D a multiple of GC VW, so a tile never straddles two streams. */
+static inline __attribute__((always_inline)) void stream_grad_tile(const float *x, const float *gy, const float *gm,
+                                                                   const float *pre, const float *comb,
+                                                                   const float *graw, const float *coef,
+                                                                   const float *fn, float *gx, i64 n, i64 D, i64 M,
+                                                                   const int tb) {
+    const i64 K = n * D;
+    for (i64 k = 0; k < K; k += GC * VW) {
+        const i64 j = k / D, d = k - j * D;
+        vf a[GT][GC];
+        for (int i = 0; i < tb; i++)
+            for (int c = 0; c < GC; c++)
+                a[i][c] = coef[i] * ldv(x + i * K + k + c * VW) + pre[i * n + j] * ldv(gy + i * D + d + c * VW);
+        if (gm)
+            for (int i = 0; i < tb; i++)
+                for (i64 kk = 0; kk < n; kk++) {
+                    const float w = comb[(i * n + j) * n + kk];
+                    for (int c = 0; c < GC; c++) a[i][c] += w * ldv(gm + i * K + kk * D + d + c * VW);
+                }
+        for (i64 m = 0; m < M; m++) {
+            vf f[GC];
+            for (int c = 0; c < GC; c++) f[c] = ldv(fn + m * K + k + c * VW);
+            for (int i = 0; i < tb; i++) {
+                const float g = graw[i * M + m];
+                for (int c = 0; c < GC; c++) a[i][c] += g * f[c];
+            }
+        }
+        for (int i = 0; i < tb; i++)
+            for (int c = 0; c < GC; c++) stv(gx + i * K + k + c * VW, a[i][c]);
+    }
+}
+
+static void stream_grad(const float *x, const float *gy, const float *gm, const float *pre, const float *comb,
+                        const float *graw, const float *coef, const float *fn, float *gx, i64 nb, i64 n, i64 D,
+                        i64 M) {
+    const i64 K = n * D;
+    if (D % (GC * VW)) {
+        for (i64 l = 0; l < nb; l++)
+            for (i64 j = 0; j < n; j++) {
+                const float c = coef[l], w = pre[l * n + j], *xj = x + l * K + j * D, *gyl = gy + l * D;
+                float *g = gx + l * K + j * D;
+#pragma omp simd
+                for (i64 d = 0; d < D; d++) g[d] = c * xj[d] + w * gyl[d];
+                for (i64 k = 0; gm && k < n; k++) {
+                    const float a = comb[(l * n + j) * n + k], *gk = gm + l * K + k * D;
+#pragma omp simd
+                    for (i64 d = 0; d < D; d++) g[d] += a * gk[d];
+                }
+                for (i64 m = 0; m < M; m++) {
+                    const float a = graw[l * M + m], *f = fn + m * K + j * D;
+#pragma omp simd
+                    for (i64 d = 0; d < D; d++) g[d] += a * f[d];
+                }
+            }
+        return;
+    }
+    i64 l = 0;
+    for (; l + GT <= nb; l += GT)
+        stream_grad_tile(x + l * K, gy + l * D, gm ? gm + l * K : 0, pre + l * n, comb + l * n * n, graw + l * M,
+                         coef + l, fn, gx + l * K, n, D, M, GT);
+    for (; l < nb; l++)
+        stream_grad_tile(x + l * K, gy + l * D, gm ? gm + l * K : 0, pre + l * n, comb + l * n * n, graw + l * M,
+                         coef + l, fn, gx + l * K, n, D, M, 1);
+}
+
+/* gfn[m] += sum_l graw[l, m] x_l for mb rows (mb = GM or 1) and GC vectors from k, tokens in order. */
+static inline __attribute__((always_inline)) void fn_grad_tile(const float *x, const float *graw, float *gfn, i64 nb,
+                                                               i64 M, i64 K, i64 m, i64 k, const int mb) {
+    vf a[GM][GC];
+    for (int i = 0; i < mb; i++)
+        for (int c = 0; c < GC; c++) a[i][c] = ldv(gfn + (m + i) * K + k + c * VW);
+    for (i64 l = 0; l < nb; l++) {
+        vf xv[GC];
+        for (int c = 0; c < GC; c++) xv[c] = ldv(x + l * K + k + c * VW);
+        for (int i = 0; i < mb; i++) {
+            const float g = graw[l * M + m + i];
+            for (int c = 0; c < GC; c++) a[i][c] += g * xv[c];
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int c = 0; c < GC; c++) stv(gfn + (m + i) * K + k + c * VW, a[i][c]);
+}
+
+/* gfn (M, K) += graw^T x over the nb tokens of a block. */
+static void fn_grad(const float *x, const float *graw, float *gfn, i64 nb, i64 M, i64 K) {
+    if (K % (GC * VW)) {
+        for (i64 l = 0; l < nb; l++)
+            for (i64 m = 0; m < M; m++) {
+                const float a = graw[l * M + m], *xl = x + l * K;
+                float *g = gfn + m * K;
+#pragma omp simd
+                for (i64 k = 0; k < K; k++) g[k] += a * xl[k];
+            }
+        return;
+    }
+    for (i64 k = 0; k < K; k += GC * VW) {
+        i64 m = 0;
+        for (; m + GM <= M; m += GM) fn_grad_tile(x, graw, gfn, nb, M, K, m, k, GM);
+        for (; m < M; m++) fn_grad_tile(x, graw, gfn, nb, M, K, m, k, 1);
+    }
+}
+
+/* ------------------------------------------------------------------ read: x -> y and the coefficients */
+
+/* n = 4 (V4's hc_mult), D a multiple of VW: y = sum_j w_j x_j and mixed_k = sum_j c[j,k] x_j for
+ * one token from registers, each slice of the four streams loaded once (the loops of mix_token
+ * below pass over the token n^2 times: 1.5 ms per HyperConnection at 2048 tokens). */
+static void read_mix4(const float *xt, const float *w, const float *c, float *yt, float *mt, i64 D) {
+    for (i64 d = 0; d < D; d += VW) {
+        const vf x0 = ldv(xt + d), x1 = ldv(xt + D + d), x2 = ldv(xt + 2 * D + d), x3 = ldv(xt + 3 * D + d);
+        stv(yt + d, w[0] * x0 + w[1] * x1 + w[2] * x2 + w[3] * x3);
+        for (int k = 0; k < 4; k++) stv(mt + k * D + d, c[k] * x0 + c[4 + k] * x1 + c[8 + k] * x2 + c[12 + k] * x3);
+    }
+}
+
+/* gpre_j = x_j . gy and gcomb[j,k] = x_j . gm_k for one token, n = 4, D a multiple of VW: the 20 dot
+ * products in 20 vector accumulators, each slice loaded once. */
+static void stream_dots4(const float *xt, const float *gyt, const float *gmt, float *gpre, float *gcomb, i64 D) {
+    vf a[20];
+    for (int i = 0; i < 20; i++) a[i] = (vf){0};
+    for (i64 d = 0; d < D; d += VW) {
+        const vf gy = ldv(gyt + d), g0 = ldv(gmt + d), g1 = ldv(gmt + D + d), g2 = ldv(gmt + 2 * D + d),
+                 g3 = ldv(gmt + 3 * D + d);
+        for (int j = 0; j < 4; j++) {
+            const vf xj = ldv(xt + j * D + d);
+            a[16 + j] += xj * gy;
+            a[4 * j] += xj * g0; a[4 * j + 1] += xj * g1; a[4 * j + 2] += xj * g2; a[4 * j + 3] += xj * g3;
+        }
+    }
+    for (int j = 0; j < 4; j++) gpre[j] = hsumv(a[16 + j]);
+    for (int i = 0; i < 16; i++) gcomb[i] = hsumv(a[i]);
+}
+
+/* mixed_k = sum_j comb[j,k] x_j for one token: the streams the write carries over. */
+static void mix_token(const float *xt, const float *ct, float *ot, i64 n, i64 D) {
+    for (i64 k = 0; k < n; k++) {
+        float *o = ot + k * D;
+        const float c0 = ct[k];
+#pragma omp simd
+        for (i64 d = 0; d < D; d++) o[d] = c0 * xt[d];
+        for (i64 j = 1; j < n; j++) {
+            const float c = ct[j * n + k], *xj = xt + j * D;
+#pragma omp simd
+            for (i64 d = 0; d < D; d++) o[d] += c * xj[d];
+        }
+    }
+}
+
+/* Forward, per block of L tokens in one pass over its streams (which stay in cache): the RMS scale
+ * r = (|x|^2 / K + norm_eps)^-1/2, raw = x fn^T, the coefficients pre and post (N, n) and comb, then
+ * y = sum_j pre_j x_j and the mixed streams (N, n, D) that the write adds the sublayer's output to.
+ * raw and r are kept for the backward, which recomputes comb. head: the HyperHead's M = n sigmoid
+ * weights, y only. Returns 1 if the scratch (allocated here, before the threads
+ * start, so that a failed allocation cannot leave a thread out of the worksharing loop) could not be. */
+int hc_read_fwd(const float *x, const float *fn, const float *base, const float *scale, float *y, float *pre,
+                float *post, float *mixed, float *raw, float *r, i64 N, i64 n, i64 D, i64 iters, float hc_eps,
+                float norm_eps, int head, int nt) {
+    const i64 M = head ? n : (2 + n) * n, K = n * D, steps = sinkhorn_steps(iters), blocks = (N + L - 1) / L;
     const i64 F = scratch_floats(n, iters);
     float *buf = malloc(sizeof(float) * F * nt);
     if (!buf) return 1;
@@ -296,14 +511,32 @@ int hc_coeffs_fwd(const float *raw, const float *r, const float *base, const flo
 #pragma omp for schedule(static)
         for (i64 blk = 0; blk < blocks; blk++) {
             const i64 t0 = blk * L, nb = N - t0 < L ? N - t0 : L;
+            const float *xb = x + t0 * K;
+            for (i64 l = 0; l < nb; l++) r[t0 + l] = 1.f / sqrtf(dot(xb + l * K, xb + l * K, K) / (float)K + norm_eps);
+            project(xb, fn, raw + t0 * M, nb, M, K);
             block_coefficients(raw + t0 * M, r + t0, nb, base, scale, n, iters, hc_eps, head, sc.z, sc.pre, sc.post,
                                sc.sm, sc.cs, sc.dens);
             for (i64 l = 0; l < nb; l++) {
                 const i64 t = t0 + l;
                 for (i64 j = 0; j < n; j++) pre[t * n + j] = sc.pre[j * L + l];
-                if (head) continue;
-                for (i64 j = 0; j < n; j++) post[t * n + j] = sc.post[j * L + l];
-                for (i64 i = 0; i < n * n; i++) comb[t * n * n + i] = c[i * L + l];
+                const float *xt = x + t * K, *wt = pre + t * n;
+                float *yt = y + t * D, *ct = sc.comb + l * n * n;
+                if (!head) {
+                    for (i64 j = 0; j < n; j++) post[t * n + j] = sc.post[j * L + l];
+                    for (i64 i = 0; i < n * n; i++) ct[i] = c[i * L + l];
+                }
+                if (!head && n == 4 && D % VW == 0) {
+                    read_mix4(xt, wt, ct, yt, mixed + t * K, D);
+                    continue;
+                }
+                if (!head) mix_token(xt, ct, mixed + t * K, n, D);
+#pragma omp simd
+                for (i64 d = 0; d < D; d++) yt[d] = wt[0] * xt[d];
+                for (i64 j = 1; j < n; j++) {
+                    const float wj = wt[j], *xj = xt + j * D;
+#pragma omp simd
+                    for (i64 d = 0; d < D; d++) yt[d] += wj * xj[d];
+                }
             }
         }
     }
@@ -311,77 +544,76 @@ int hc_coeffs_fwd(const float *raw, const float *r, const float *base, const flo
     return 0;
 }
 
-/* gz (N, M): dL/dz for the logits z = mixes * scale + base, given the gradients of pre, post and
- * comb; the forward is recomputed (a few hundred flops per token) rather than stored.
- * A Sinkhorn step c' = c / (sum_axis c + eps) backpropagates as g = (g' - sum_axis(g' c')) / den,
- * the row softmax as dz = sm * (g - sum_k g sm). */
-int hc_coeffs_bwd(const float *raw, const float *r, const float *base, const float *scale, const float *gpre,
-                  const float *gpost, const float *gcomb, float *gz, i64 N, i64 n, i64 iters, float hc_eps,
-                  int head, int nt) {
-    const i64 M = head ? n : (2 + n) * n, steps = sinkhorn_steps(iters), blocks = (N + L - 1) / L;
+/* Tokens per partial sum of gfn: each chunk's sum runs over its tokens in order and the chunks are
+ * added in order, so gfn has the same bits whatever the thread count. */
+#define CHUNK 256
+
+/* Backward, per block of L tokens in one pass: gpre = x_j . gy and gcomb[j,k] = x_j . gm_k (gm =
+ * dL/dmixed, NULL for the head), the coefficients' backward (dL/dz
+ * for the logits z = raw r scale + base), the projection's gradient graw = dz scale r and the RMS
+ * scale's coef = -r^3 / K sum_m dz_m scale_m raw_m, then the streams' gradient gx (N, n, D) in one
+ * store and this chunk's parts of the parameters' gradients: fn's (M, K), and per logit base's (dz)
+ * and scale's (dz raw r), 2M floats. parts holds ceil(N / CHUNK) zeroed runs of M K + 2 M floats;
+ * their total is left in the first. Returns 1 if the scratch could not be allocated. */
+int hc_read_bwd(const float *x, const float *fn, const float *base, const float *scale, const float *pre,
+                const float *raw, const float *r, const float *gy, const float *gm, const float *gpost, float *gx,
+                float *parts, i64 N, i64 n, i64 D, i64 iters, float hc_eps, int head, int nt) {
+    const i64 M = head ? n : (2 + n) * n, K = n * D, P = M * K + 2 * M, chunks = (N + CHUNK - 1) / CHUNK;
     const i64 F = scratch_floats(n, iters);
     float *buf = malloc(sizeof(float) * F * nt);
     if (!buf) return 1;
 #pragma omp parallel num_threads(nt) if (N >= PAR_MIN_TOKENS)
     {
         const Scratch sc = carve(buf + omp_get_thread_num() * F, n, iters);
-        const float *pr = sc.pre, *po = sc.post, *sm = sc.sm, *cs = sc.cs, *dens = sc.dens;
 #pragma omp for schedule(static)
-        for (i64 blk = 0; blk < blocks; blk++) {
-            const i64 t0 = blk * L, nb = N - t0 < L ? N - t0 : L;
-            block_coefficients(raw + t0 * M, r + t0, nb, base, scale, n, iters, hc_eps, head, sc.z, sc.pre, sc.post,
-                               sc.sm, sc.cs, sc.dens);
-            float *gzb = sc.z, *g = sc.g, *g2 = sc.g2;  /* z is no longer needed: its rows become dL/dz */
-            for (i64 j = 0; j < n; j++)
-                for (i64 l = 0; l < L; l++) {
-                    const float sg = pr[j * L + l] - hc_eps;
-                    gzb[j * L + l] = (l < nb ? gpre[(t0 + l) * n + j] : 0.f) * sg * (1.f - sg);
-                }
-            if (!head) {
-                for (i64 j = 0; j < n; j++)
-                    for (i64 l = 0; l < L; l++) {
-                        const float sg = 0.5f * po[j * L + l];
-                        gzb[(n + j) * L + l] = (l < nb ? gpost[(t0 + l) * n + j] : 0.f) * 2.f * sg * (1.f - sg);
+        for (i64 ch = 0; ch < chunks; ch++) {
+            float *part = parts + ch * P, *gbase = part + M * K, *gscale = gbase + M;
+            const i64 end = (ch + 1) * CHUNK < N ? (ch + 1) * CHUNK : N;
+            for (i64 t0 = ch * CHUNK; t0 < end; t0 += L) {
+                const i64 nb = end - t0 < L ? end - t0 : L;
+                const float *xb = x + t0 * K, *gyb = gy + t0 * D, *gmb = head ? 0 : gm + t0 * K;
+                for (i64 l = 0; l < nb; l++) {
+                    if (gmb && n == 4 && D % VW == 0) {
+                        stream_dots4(xb + l * K, gyb + l * D, gmb + l * K, sc.gpre + l * n, sc.gcomb + l * n * n, D);
+                        continue;
                     }
-                for (i64 i = 0; i < n * n; i++)
-                    for (i64 l = 0; l < L; l++) g[i * L + l] = l < nb ? gcomb[(t0 + l) * n * n + i] : 0.f;
-                for (i64 s = steps - 1; s >= 0; s--) {
-                    const float *out = cs + (s + 1) * n * n * L, *den = dens + s * n * L;
-                    const int axis = step_axis(s);
-                    for (i64 a = 0; a < n; a++) {
-                        float acc[L];
-#pragma omp simd
-                        for (i64 l = 0; l < L; l++) acc[l] = g[at(a, 0, n, axis) * L + l] * out[at(a, 0, n, axis) * L + l];
-                        for (i64 b = 1; b < n; b++)
-#pragma omp simd
-                            for (i64 l = 0; l < L; l++) acc[l] += g[at(a, b, n, axis) * L + l] * out[at(a, b, n, axis) * L + l];
-                        for (i64 b = 0; b < n; b++)
-#pragma omp simd
-                            for (i64 l = 0; l < L; l++) {
-                                const i64 i = at(a, b, n, axis) * L + l;
-                                g2[i] = (g[i] - acc[l]) / den[a * L + l];
-                            }
+                    for (i64 j = 0; j < n; j++) {
+                        const float *xj = xb + l * K + j * D;
+                        sc.gpre[l * n + j] = dot(xj, gyb + l * D, D);
+                        for (i64 k = 0; gmb && k < n; k++)
+                            sc.gcomb[(l * n + j) * n + k] = dot(xj, gmb + l * K + k * D, D);
                     }
-                    float *tmp = g; g = g2; g2 = tmp;
                 }
-                for (i64 j = 0; j < n; j++) {
-                    float acc[L];
-                    for (i64 l = 0; l < L; l++) acc[l] = 0.f;
-                    for (i64 k = 0; k < n; k++)
-#pragma omp simd
-                        for (i64 l = 0; l < L; l++) acc[l] += g[(j * n + k) * L + l] * sm[(j * n + k) * L + l];
-                    for (i64 k = 0; k < n; k++)
-#pragma omp simd
-                        for (i64 l = 0; l < L; l++) {
-                            const i64 i = (j * n + k) * L + l;
-                            gzb[(2 * n + j * n + k) * L + l] = sm[i] * (g[i] - acc[l]);
-                        }
+                block_coefficients_bwd(raw + t0 * M, r + t0, nb, base, scale, n, iters, hc_eps, head, sc.gpre,
+                                       gpost + t0 * n, sc.gcomb, sc);
+                if (!head) {  /* comb, recomputed by the backward above, token-major for the stream pass */
+                    const float *c = sc.cs + sinkhorn_steps(iters) * n * n * L;
+                    for (i64 l = 0; l < nb; l++)
+                        for (i64 i = 0; i < n * n; i++) sc.comb[l * n * n + i] = c[i * L + l];
                 }
+                for (i64 l = 0; l < nb; l++) {
+                    const float rl = r[t0 + l];
+                    float acc = 0.f;
+                    for (i64 m = 0; m < M; m++) {
+                        const float s = head ? scale[0] : scale[m < n ? 0 : (m < 2 * n ? 1 : 2)];
+                        const float gzm = sc.z[m * L + l], gmix = gzm * s, rw = raw[(t0 + l) * M + m];
+                        gbase[m] += gzm;
+                        gscale[m] += gzm * rw * rl;
+                        sc.graw[l * M + m] = gmix * rl;
+                        acc += gmix * rw;
+                    }
+                    sc.coef[l] = acc * rl * rl * rl / -(float)K;
+                }
+                stream_grad(xb, gyb, gmb, pre + t0 * n, sc.comb, sc.graw, sc.coef, fn, gx + t0 * K, nb, n, D, M);
+                fn_grad(xb, sc.graw, part, nb, M, K);
             }
-            for (i64 l = 0; l < nb; l++)
-                for (i64 m = 0; m < M; m++) gz[(t0 + l) * M + m] = gzb[m * L + l];
         }
     }
     free(buf);
+    for (i64 ch = 1; ch < chunks; ch++) {
+        const float *part = parts + ch * P;
+#pragma omp simd
+        for (i64 i = 0; i < P; i++) parts[i] += part[i];
+    }
     return 0;
 }

@@ -1,10 +1,11 @@
 """mHC's fused CPU kernels (mhc_kernels.c) as PyTorch ops with their own backward.
 
 Two ops cover a HyperConnection, one on each side of its sublayer:
-    seekling::mhc_read    x, fn, base, scale -> y, post, comb   (RMS scale, projection GEMM,
-                          coefficients with Sinkhorn, read: one kernel each, the GEMM by PyTorch)
-    seekling::mhc_write   x, f, post, comb -> x'
-The HyperHead is mhc_read with head=True (M = n sigmoid weights, no post, comb or Sinkhorn).
+    seekling::mhc_read    x, fn, base, scale -> y, post, mixed   (per block of 16 tokens in one
+                          pass: RMS scale, projection, coefficients with Sinkhorn, the read y and
+                          the mixed streams mixed_k = sum_j comb[j,k] x_j)
+    seekling::mhc_write   mixed, f, post -> x' = mixed + post f
+The HyperHead is mhc_read with head=True (M = n sigmoid weights, no post, mixing or Sinkhorn).
 Each has a backward op; both are registered with torch.library, so they run eagerly and inside
 torch.compile graphs alike (Inductor calls them as opaque kernels) with no graph break.
 
@@ -88,17 +89,14 @@ def _load() -> None:
         return
     P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     signatures = {
-        "hc_read_fwd": [P, P, P, I64, I64, I64, I],
-        "hc_read_bwd_w": [P, P, P, I64, I64, I64, I],
-        "hc_read_bwd_x": [P, P, P, P, P, I64, I64, I64, I],
+        "hc_read_fwd": [P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, F, F, I, I],
+        "hc_read_bwd": [P, P, P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, F, I, I],
         "hc_write_fwd": [P, P, P, P, P, I64, I64, I64, I],
-        "hc_write_bwd": [P, P, P, P, P, P, P, P, P, I64, I64, I64, I],
-        "hc_coeffs_fwd": [P, P, P, P, P, P, P, I64, I64, I64, F, I, I],
-        "hc_coeffs_bwd": [P, P, P, P, P, P, P, P, I64, I64, I64, F, I, I],
+        "hc_write_bwd": [P, P, P, P, P, P, P, I64, I64, I64, I],
     }
     for name, argtypes in signatures.items():
         getattr(_lib, name).argtypes = argtypes
-        getattr(_lib, name).restype = I if name.startswith("hc_coeffs") else None
+        getattr(_lib, name).restype = I if name.startswith("hc_read") else None
 
 
 @torch.compiler.assume_constant_result
@@ -156,73 +154,53 @@ def _call_void(name: str, *args) -> None:
     getattr(_lib, name)(*args, torch.get_num_threads())
 
 
-def _segment_scale(scale: torch.Tensor, n: int, head: bool) -> torch.Tensor:
-    """scale broadcast to the M logits: pre | post | comb use scale[0] | [1] | [2]; the head has one scale."""
-    if head:
-        return scale.expand(n)
-    return torch.cat([scale[0].expand(n), scale[1].expand(n), scale[2].expand(n * n)])
-
-
-# ---------------------------------------------------------------- read: x -> (y, post, comb)
+# ---------------------------------------------------------------- read: x -> (y, post, mixed)
 
 @torch.library.custom_op("seekling::mhc_read", mutates_args=())
 def _read(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int, hc_eps: float,
           norm_eps: float, head: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                 torch.Tensor, torch.Tensor]:
     *lead, n, D = x.shape
-    N = x.numel() // (n * D)
-    flat = x.reshape(N, n * D)
-    r = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1).square() / (n * D) + norm_eps)
-    raw = flat @ fn.t()  # (N, M)
-    pre = x.new_empty(N, n)
-    post = x.new_empty(N, 0 if head else n)
-    comb = x.new_empty(N, 0 if head else n, 0 if head else n)
-    _call("hc_coeffs_fwd", _p(raw), _p(r), _p(base), _p(scale), _p(pre), _p(post), _p(comb), N, n, iters,
-          hc_eps, int(head))
-    y = x.new_empty(N, D)
-    _call_void("hc_read_fwd", _p(flat), _p(pre), _p(y), N, n, D)
-    return (y.view(*lead, D), post.view(*lead, post.shape[-1]), comb.view(*lead, *comb.shape[1:]), pre, raw, r)
+    N, M, m = x.numel() // (n * D), fn.shape[0], 0 if head else n
+    y, pre, post, mixed = x.new_empty(N, D), x.new_empty(N, n), x.new_empty(N, m), x.new_empty(N, m, D)
+    raw, r = x.new_empty(N, M), x.new_empty(N)
+    _call("hc_read_fwd", _p(x), _p(fn), _p(base), _p(scale), _p(y), _p(pre), _p(post), _p(mixed), _p(raw), _p(r),
+          N, n, D, iters, hc_eps, norm_eps, int(head))
+    return (y.view(*lead, D), post.view(*lead, m), mixed.view(*lead, m, D), pre, raw, r)
 
 
 @_read.register_fake
 def _(x, fn, base, scale, iters, hc_eps, norm_eps, head):
     *lead, n, D = x.shape
     N, m = x.numel() // (n * D), 0 if head else n
-    return (x.new_empty(*lead, D), x.new_empty(*lead, m), x.new_empty(*lead, m, m), x.new_empty(N, n),
+    return (x.new_empty(*lead, D), x.new_empty(*lead, m), x.new_empty(*lead, m, D), x.new_empty(N, n),
             x.new_empty(N, fn.shape[0]), x.new_empty(N))
 
 
+_CHUNK = 256  # tokens per partial sum of the parameters' gradients (CHUNK in mhc_kernels.c)
+
+
 @torch.library.custom_op("seekling::mhc_read_backward", mutates_args=())
-def _read_backward(gy: torch.Tensor, gpost: torch.Tensor, gcomb: torch.Tensor, x: torch.Tensor, fn: torch.Tensor,
+def _read_backward(gy: torch.Tensor, gpost: torch.Tensor, gmixed: torch.Tensor, x: torch.Tensor, fn: torch.Tensor,
                    base: torch.Tensor, scale: torch.Tensor, pre: torch.Tensor, raw: torch.Tensor, r: torch.Tensor,
                    iters: int, hc_eps: float, head: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                    torch.Tensor]:
     *lead, n, D = x.shape
-    N, K = x.numel() // (n * D), n * D
-    flat, gy = x.reshape(N, K), gy.reshape(N, D).contiguous()
-    gpre = x.new_empty(N, n)
-    _call_void("hc_read_bwd_w", _p(flat), _p(gy), _p(gpre), N, n, D)
-    gz = x.new_empty(raw.shape)  # dL/d(logits), per token
-    gpost, gcomb = gpost.reshape(N, -1).contiguous(), gcomb.reshape(N, -1).contiguous()
-    _call("hc_coeffs_bwd", _p(raw), _p(r), _p(base), _p(scale), _p(gpre), _p(gpost), _p(gcomb), _p(gz), N, n,
-          iters, hc_eps, int(head))
-    s = _segment_scale(scale, n, head)
-    mixes = raw * r.unsqueeze(-1)
-    gbase = gz.sum(0)
-    gs = (gz * mixes).sum(0)
+    N, (M, K) = x.numel() // (n * D), fn.shape
+    gy, gpost, gmixed = gy.contiguous(), gpost.contiguous(), gmixed.contiguous()
+    gx = torch.empty_like(x)
+    parts = x.new_zeros(-(-N // _CHUNK), M * K + 2 * M)  # per chunk of tokens: fn's, base's, scale's gradients
+    _call("hc_read_bwd", _p(x), _p(fn), _p(base), _p(scale), _p(pre), _p(raw), _p(r), _p(gy), _p(gmixed), _p(gpost),
+          _p(gx), _p(parts), N, n, D, iters, hc_eps, int(head))
+    total = parts[0]
+    gfn, gbase, gs = total[:M * K].view(M, K).clone(), total[M * K:M * K + M].clone(), total[M * K + M:]
+    # scale[0] multiplies the pre logits, [1] the post ones, [2] comb's (the head has one scale for all)
     gscale = gs.sum(0, keepdim=True) if head else torch.stack([gs[:n].sum(), gs[n:2 * n].sum(), gs[2 * n:].sum()])
-    gmix = gz * s
-    g_raw = gmix * r.unsqueeze(-1)
-    # The RMS scale r = (|x|^2/K + eps)^-1/2: dr/dx = -r^3 x / K, times sum_m gmix_m raw_m.
-    coef = (gmix * raw).sum(-1) * r.pow(3) / -K
-    gx = g_raw @ fn  # (N, K), then the read's and the scale's terms added in place
-    _call_void("hc_read_bwd_x", _p(gx), _p(flat), _p(gy), _p(pre), _p(coef), N, n, D)
-    gfn = g_raw.t() @ flat
-    return gx.view(x.shape), gfn, gbase, gscale
+    return gx, gfn, gbase, gscale
 
 
 @_read_backward.register_fake
-def _(gy, gpost, gcomb, x, fn, base, scale, pre, raw, r, iters, hc_eps, head):
+def _(gy, gpost, gmixed, x, fn, base, scale, pre, raw, r, iters, hc_eps, head):
     return torch.empty_like(x), torch.empty_like(fn), torch.empty_like(base), torch.empty_like(scale)
 
 
@@ -233,15 +211,15 @@ def _read_setup(ctx, inputs, output):
     ctx.args = iters, hc_eps, head
 
 
-def _read_grad(ctx, gy, gpost, gcomb, *_):
+def _read_grad(ctx, gy, gpost, gmixed, *_):
     x, fn, base, scale, pre, raw, r = ctx.saved_tensors
     iters, hc_eps, head = ctx.args
     *lead, n, D = x.shape
     m = 0 if head else n
     gy = x.new_zeros(*lead, D) if gy is None else gy
     gpost = x.new_zeros(*lead, m) if gpost is None else gpost
-    gcomb = x.new_zeros(*lead, m, m) if gcomb is None else gcomb
-    gx, gfn, gbase, gscale = _read_backward(gy, gpost, gcomb, x, fn, base, scale, pre, raw, r, iters, hc_eps, head)
+    gmixed = x.new_zeros(*lead, m, D) if gmixed is None else gmixed
+    gx, gfn, gbase, gscale = _read_backward(gy, gpost, gmixed, x, fn, base, scale, pre, raw, r, iters, hc_eps, head)
     return gx, gfn, gbase, gscale, None, None, None, None
 
 
@@ -250,56 +228,66 @@ _read.register_autograd(_read_grad, setup_context=_read_setup)
 
 def read(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, *, sinkhorn_iters: int,
          hc_eps: float, norm_eps: float, head: bool = False):
-    """Streams x (B,T,n,D) -> y (B,T,D), post (B,T,n), comb (B,T,n,n) (head: y only, as a 1-tuple)."""
+    """Streams x (B,T,n,D) -> y (B,T,D), post (B,T,n) and the mixed streams sum_j comb[j,k] x_j
+    (B,T,n,D) that `write` adds the sublayer's output to (head: y only, as a 1-tuple)."""
     _check(x, fn, base, scale)
-    y, post, comb, *_ = _read(x.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(), sinkhorn_iters,
-                              hc_eps, norm_eps, head)
-    return (y,) if head else (y, post, comb)
+    y, post, mixed, *_ = _read(x.contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(),
+                               sinkhorn_iters, hc_eps, norm_eps, head)
+    return (y,) if head else (y, post, mixed)
 
 
-# ---------------------------------------------------------------- write: x'_k = post_k f + sum_j comb[j,k] x_j
+# ---------------------------------------------------------------- write: x'_k = mixed_k + post_k f
+
+def _f_pointers(f: torch.Tensor) -> tuple:
+    """The write's f as the C code takes it: an fp32 pointer or a bf16 one, the other NULL."""
+    return (_p(f), None) if f.dtype == torch.float32 else (None, _p(f))
+
 
 @torch.library.custom_op("seekling::mhc_write", mutates_args=())
-def _write(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    *_, n, D = x.shape
-    out = torch.empty_like(x)
-    _call_void("hc_write_fwd", _p(x), _p(f), _p(post), _p(comb), _p(out), x.numel() // (n * D), n, D)
+def _write(mixed: torch.Tensor, f: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    *_, n, D = mixed.shape
+    out = torch.empty_like(mixed)
+    _call_void("hc_write_fwd", _p(mixed), *_f_pointers(f), _p(post), _p(out), mixed.numel() // (n * D), n, D)
     return out
 
 
 @_write.register_fake
-def _(x, f, post, comb):
-    return torch.empty_like(x)
+def _(mixed, f, post):
+    return torch.empty_like(mixed)
 
 
 @torch.library.custom_op("seekling::mhc_write_backward", mutates_args=())
-def _write_backward(g: torch.Tensor, x: torch.Tensor, f: torch.Tensor, post: torch.Tensor,
-                    comb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    *_, n, D = x.shape
+def _write_backward(g: torch.Tensor, f: torch.Tensor, post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    *_, n, D = g.shape
     g = g.contiguous()
-    gx, gf, gpost, gcomb = torch.empty_like(x), torch.empty_like(f), torch.empty_like(post), torch.empty_like(comb)
-    _call_void("hc_write_bwd", _p(g), _p(x), _p(f), _p(post), _p(comb), _p(gx), _p(gf), _p(gpost), _p(gcomb),
-               x.numel() // (n * D), n, D)
-    return gx, gf, gpost, gcomb
+    gf, gpost = torch.empty_like(f), torch.empty_like(post)  # gf in f's dtype (fp32 or bf16)
+    _call_void("hc_write_bwd", _p(g), *_f_pointers(f), _p(post), *_f_pointers(gf), _p(gpost), g.numel() // (n * D),
+               n, D)
+    return gf, gpost
 
 
 @_write_backward.register_fake
-def _(g, x, f, post, comb):
-    return torch.empty_like(x), torch.empty_like(f), torch.empty_like(post), torch.empty_like(comb)
+def _(g, f, post):
+    return torch.empty_like(f), torch.empty_like(post)
 
 
 def _write_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    _, f, post = inputs
+    ctx.save_for_backward(f, post)
 
 
 def _write_grad(ctx, g):
-    return _write_backward(g, *ctx.saved_tensors)
+    gf, gpost = _write_backward(g, *ctx.saved_tensors)
+    return g, gf, gpost  # x' = mixed + post f: the mixed streams' gradient is g itself
 
 
 _write.register_autograd(_write_grad, setup_context=_write_setup)
 
 
-def write(x: torch.Tensor, f: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """x'_k = post_k f + sum_j comb[j,k] x_j for fp32 streams x (B,T,n,D); f (B,T,D) in any dtype."""
-    _check(x, post, comb)
-    return _write(x.contiguous(), f.float().contiguous(), post.contiguous(), comb.contiguous())
+def write(mixed: torch.Tensor, f: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    """x'_k = mixed_k + post_k f for the fp32 mixed streams (B,T,n,D) of `read`; f (B,T,D) in any dtype
+    (fp32 and bf16 as they are, with f's gradient in its dtype; others through an fp32 copy)."""
+    _check(mixed, post)
+    if f.dtype not in (torch.float32, torch.bfloat16) or f.device.type != "cpu":
+        f = f.float()
+    return _write(mixed.contiguous(), f.contiguous(), post.contiguous())

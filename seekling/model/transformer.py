@@ -63,10 +63,10 @@ class Block(nn.Module):
         if self.attn_hc is None:
             x = x + self.attn(self.attn_norm(x), cos, sin, cache)
             return x + self._ffn(self.ffn_norm(x), trace)
-        y, post, comb = self.attn_hc(x)
-        x = hc_write(x, self.attn(self.attn_norm(y), cos, sin, cache), post, comb)
-        y, post, comb = self.ffn_hc(x)
-        return hc_write(x, self._ffn(self.ffn_norm(y), trace), post, comb)
+        y, post, carry = self.attn_hc(x)
+        x = hc_write(carry, self.attn(self.attn_norm(y), cos, sin, cache), post)
+        y, post, carry = self.ffn_hc(x)
+        return hc_write(carry, self._ffn(self.ffn_norm(y), trace), post)
 
 
 class MTPLayer(nn.Module):
