@@ -26,8 +26,9 @@ fused CPU kernels are ops inside them). Defaults: ~35 minutes on a 2-core CPU.
 Writes metrics, `mhc.png` and `results.json` under --out.
 
 `--overhead` only prices mHC, with no training run: the preset and the preset with mHC, full training
-steps (seekling's own, train/core.py) taken in alternation (plain, mHC, mHC, plain, ...) in one process,
-for each of eager and compiled, fp32 and bf16 autocast, with mHC's fused CPU kernels, and eager fp32
+steps (seekling's own, train/core.py), each model in a process of its own (as in training; sharing one
+process's heap cost one of them fresh pages) and their steps taken in alternation (plain, mHC, mHC,
+plain, ...), for each of eager and compiled, fp32 and bf16 autocast, with mHC's fused CPU kernels, and eager fp32
 on PyTorch ops (`-ops`: the path without a C compiler) (`--modes`), and prints the median step
 time of each and mHC's change in tokens/s from the median of the per-round ratios. Times are the
 thread's CPU time at `--threads` 1 (the default): on a shared machine another process's load then
@@ -36,12 +37,13 @@ the same run (`stream_floor_ms`: the projection products at this machine's fp32 
 few sweeps over the streams that no implementation can avoid), and for eager fp32 (either path) where
 the time goes (`eager_breakdown_ms`: each op of one HyperConnection, forward and backward, timed
 alone, times the number of HyperConnections, against the measured difference of the steps).
-~12 minutes on a 2-core CPU, the compiles included.
+~5 minutes on a 2-core CPU with the default rounds, the compiles included.
 """
 
 import argparse
 import contextlib
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -51,6 +53,7 @@ import torch
 
 from seekling.config import ModelConfig
 from seekling.data.dataset import TrainLoader, prepare_tokens
+from seekling.device import keep_freed_memory
 from seekling.model import mhc, mhc_kernels
 from seekling.model.mhc import HyperConnection
 from seekling.model.transformer import Transformer
@@ -202,28 +205,56 @@ def _mhc_path(fused: bool):
     return contextlib.nullcontext() if fused else mhc_kernels.switched_off()
 
 
-def _time_mode(args, mode: str, cfgs: dict, dtype: str, compile_: bool, loader) -> dict:
-    """Median step times of the plain and the mHC model in one mode, steps taken in alternation."""
-    steps = {}
-    for name, cfg in cfgs.items():
-        tcfg = train_preset(args.preset, model=cfg, batch_size=args.batch, seq_len=args.seq, dtype=dtype,
-                            compile=compile_)
-        model = Transformer(cfg)
-        model.init_weights(0)
-        steps[name] = pretraining_step(model, tcfg, getattr(torch, dtype))
-    print(f"{mode}: warming up{' (compiling)' if compile_ else ''} ...", flush=True)
-    for name, step in steps.items():
+def _step_worker(conn, preset: str, cfg: ModelConfig, dtype: str, compile_: bool, fused: bool, threads: int,
+                 batch: int, seq: int) -> None:
+    """One model's training steps in a process of its own, one per command ("r": take the step on batch
+    2 + r and answer its thread CPU and wall times; None: stop). Two models in one process share its
+    allocator, and the heap the other left behind made one model's steps pay fresh pages (measured in
+    bf16: mHC 827 ms per step in the shared process, 723 ms alone, the plain step unchanged)."""
+    torch.set_num_threads(threads)
+    _room_for_every_variant()
+    tcfg = train_preset(preset, model=cfg, batch_size=batch, seq_len=seq, dtype=dtype, compile=compile_)
+    data = prepare_tokens(tcfg.data, load_default_tokenizer(), cache_dir=tcfg.token_cache_dir).split("train")
+    loader = TrainLoader(data=data, batch_size=batch, seq_len=seq, seed=0)
+    model = Transformer(cfg)
+    model.init_weights(0)
+    with _mhc_path(fused):
+        step = pretraining_step(model, tcfg, getattr(torch, dtype))
         for r in range(2):  # a compiled step compiles its graphs in the first
             step([loader.batch(r)])
-    cpu = {name: [] for name in steps}
-    wall = {name: [] for name in steps}
-    for r in range(args.timing_rounds):
-        batch = loader.batch(2 + r)
-        for name in (steps if r % 2 == 0 else reversed(steps)):  # plain, mHC, mHC, plain, ...
+        conn.send("ready")
+        while (r := conn.recv()) is not None:
             t, c = time.perf_counter(), time.thread_time()
-            steps[name]([batch])
-            cpu[name].append(time.thread_time() - c)
-            wall[name].append(time.perf_counter() - t)
+            step([loader.batch(2 + r)])
+            conn.send((time.thread_time() - c, time.perf_counter() - t))
+
+
+def _time_mode(args, mode: str, cfgs: dict, dtype: str, compile_: bool, fused: bool) -> dict:
+    """Median step times of the plain and the mHC model in one mode: each in its own process, steps
+    taken in alternation (plain, mHC, mHC, plain, ...) so that the machine's drift hits both alike."""
+    ctx = multiprocessing.get_context("spawn")
+    workers = {}
+    for name, cfg in cfgs.items():
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=_step_worker, daemon=True,
+                           args=(child, args.preset, cfg, dtype, compile_, fused, args.threads, args.batch, args.seq))
+        proc.start()
+        workers[name] = (proc, conn)
+    print(f"{mode}: warming up{' (compiling)' if compile_ else ''} ...", flush=True)
+    for proc, conn in workers.values():
+        conn.recv()
+    cpu = {name: [] for name in workers}
+    wall = {name: [] for name in workers}
+    for r in range(args.timing_rounds):
+        for name in (list(workers) if r % 2 == 0 else list(reversed(workers))):
+            conn = workers[name][1]
+            conn.send(r)
+            c, w = conn.recv()
+            cpu[name].append(c)
+            wall[name].append(w)
+    for proc, conn in workers.values():
+        conn.send(None)
+        proc.join()
     ratio = statistics.median(p / m for p, m in zip(cpu["plain"], cpu["mhc"]))
     wall_ratio = statistics.median(p / m for p, m in zip(wall["plain"], wall["mhc"]))
     row = dict(plain_s=statistics.median(cpu["plain"]), mhc_s=statistics.median(cpu["mhc"]),
@@ -236,21 +267,15 @@ def _time_mode(args, mode: str, cfgs: dict, dtype: str, compile_: bool, loader) 
 def overhead(args) -> dict:
     """mHC's cost in tokens/s against the plain preset: alternating full training steps, per mode."""
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as a training process has it (TrainStep): the floor and the breakdown run here
     base = get_preset(args.preset)
     cfgs = {"plain": base, "mhc": with_mhc(base, args.hc)}
-    tok = load_default_tokenizer()
-    any_tcfg = train_preset(args.preset, batch_size=args.batch, seq_len=args.seq)
-    data = prepare_tokens(any_tcfg.data, tok, cache_dir=any_tcfg.token_cache_dir).split("train")
-    loader = TrainLoader(data=data, batch_size=args.batch, seq_len=args.seq, seed=0)
     rows = {}
     for mode in [m.strip() for m in args.modes.split(",")]:
         if mode not in OVERHEAD_MODES:
             raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(OVERHEAD_MODES)}")
         dtype, compile_, fused = OVERHEAD_MODES[mode]
-        torch._dynamo.reset()  # each mode compiles afresh (see _room_for_every_variant)
-        _room_for_every_variant()
-        with _mhc_path(fused):
-            rows[mode] = _time_mode(args, mode, cfgs, dtype, compile_, loader)
+        rows[mode] = _time_mode(args, mode, cfgs, dtype, compile_, fused)
     tokens = args.batch * args.seq
     floor = stream_floor_ms(cfgs["mhc"], tokens)
     for r in rows.values():

@@ -304,3 +304,23 @@ def test_an_mhc_model_runs_its_blocks_through_the_kernels(one_thread):
             "seekling::mhc_write_backward"} <= ops()
     with mhc_kernels.switched_off():
         assert not any(k.startswith("seekling::mhc") for k in ops())
+
+
+def test_under_bf16_autocast_every_hyper_connection_takes_the_kernels(one_thread):
+    # The MTP block's streams start from eh_proj, whose output autocast makes bf16: they are widened to
+    # fp32 like the main model's, so its HyperConnections and head run the kernels too (on bf16 streams
+    # they took the PyTorch path, fp32 GEMMs and all, every training step).
+    from torch.profiler import profile
+
+    from seekling.train.core import next_token_loss
+
+    model = _tiny_mhc()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    loss_fn = next_token_loss(mtp_lambda=0.3)
+    with profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(model, (ids[:, :-1], ids[:, 1:]), None).loss
+    loss.backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    layers = model.cfg.n_layers + model.cfg.n_mtp_layers
+    assert counts.get("seekling::mhc_read") == 2 * layers + 1 + model.cfg.n_mtp_layers  # + the heads
+    assert counts.get("seekling::mhc_write") == 2 * layers

@@ -93,7 +93,10 @@ class MTPLayer(nn.Module):
         x = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))
         if self.hc_head is None:
             return self.norm(self.block(x, cos, sin, cache, trace))
-        x = self.block(expand_streams(x, self.hc_head.n), cos, sin, cache, trace)
+        # The streams in the main model's residual dtype, the embedding's (under autocast eh_proj's
+        # output is bf16 while the main streams stay fp32, as V4 keeps them; and mHC's fused CPU
+        # kernels take fp32 streams only).
+        x = self.block(expand_streams(x.to(emb_next.dtype), self.hc_head.n), cos, sin, cache, trace)
         return self.norm(self.hc_head(x))
 
 
