@@ -206,9 +206,9 @@ def _mhc_path(fused: bool):
 
 
 def _step_worker(conn, preset: str, cfg: ModelConfig, dtype: str, compile_: bool, fused: bool, threads: int,
-                 batch: int, seq: int) -> None:
+                 batch: int, seq: int, warmup: int) -> None:
     """One model's training steps in a process of its own, one per command ("r": take the step on batch
-    2 + r and answer its thread CPU and wall times; None: stop). Two models in one process share its
+    warmup + r and answer its thread CPU and wall times; None: stop). Two models in one process share its
     allocator, and the heap the other left behind made one model's steps pay fresh pages (measured in
     bf16: mHC 827 ms per step in the shared process, 723 ms alone, the plain step unchanged)."""
     torch.set_num_threads(threads)
@@ -220,12 +220,15 @@ def _step_worker(conn, preset: str, cfg: ModelConfig, dtype: str, compile_: bool
     model.init_weights(0)
     with _mhc_path(fused):
         step = pretraining_step(model, tcfg, getattr(torch, dtype))
-        for r in range(2):  # a compiled step compiles its graphs in the first
+        # A compiled step compiles its graphs in the first; and the heap grows for tens of steps (tiny
+        # + mHC in bf16: RSS 1691 MB after 10 steps, 1740 MB from 30 on), each growth paid in fresh
+        # pages by the step that makes it, which a long run never sees again.
+        for r in range(warmup):
             step([loader.batch(r)])
         conn.send("ready")
         while (r := conn.recv()) is not None:
             t, c = time.perf_counter(), time.thread_time()
-            step([loader.batch(2 + r)])
+            step([loader.batch(warmup + r)])
             conn.send((time.thread_time() - c, time.perf_counter() - t))
 
 
@@ -237,7 +240,8 @@ def _time_mode(args, mode: str, cfgs: dict, dtype: str, compile_: bool, fused: b
     for name, cfg in cfgs.items():
         conn, child = ctx.Pipe()
         proc = ctx.Process(target=_step_worker, daemon=True,
-                           args=(child, args.preset, cfg, dtype, compile_, fused, args.threads, args.batch, args.seq))
+                           args=(child, args.preset, cfg, dtype, compile_, fused, args.threads, args.batch, args.seq,
+                                 args.warmup_steps))
         proc.start()
         workers[name] = (proc, conn)
     print(f"{mode}: warming up{' (compiling)' if compile_ else ''} ...", flush=True)
@@ -323,6 +327,8 @@ def main():
     ap.add_argument("--eval-batches", type=int, default=20)
     ap.add_argument("--probe-every", type=int, default=0, help="steps between gain probes (default steps/10)")
     ap.add_argument("--timing-rounds", type=int, default=6)
+    ap.add_argument("--warmup-steps", type=int, default=30,
+                    help="with --overhead: untimed steps first (compiles, and the heap's growth to its steady size)")
     ap.add_argument("--compile", action="store_true", help="train with TrainConfig(compile=True)")
     ap.add_argument("--out", default="runs/bench-mhc")
     ap.add_argument("--overhead", action="store_true", help="only time plain vs mHC steps (no training), per mode")
