@@ -111,6 +111,8 @@ void hc_write_bwd(const float *g, const float *f, const uint16_t *fbf, const flo
 static inline i64 sinkhorn_steps(i64 iters) { return iters > 0 ? 2 * iters - 1 : 0; }
 /* The Sinkhorn steps: columns (axis 0: c[:, k] / (sum_j c[j, k] + eps)), then (iters - 1) x (rows, columns). */
 static inline int step_axis(i64 s) { return s % 2 == 0 ? 0 : 1; }
+/* Which of `scale` multiplies logit m: [0] the pre logits, [1] the post ones, [2] comb's; the head has one. */
+static inline i64 scale_index(i64 m, i64 n, int head) { return head ? 0 : m < n ? 0 : m < 2 * n ? 1 : 2; }
 static inline i64 at(i64 a, i64 b, i64 n, int axis) { return axis == 0 ? b * n + a : a * n + b; }
 
 /* One thread's scratch for a block of L tokens, lanes innermost: z (M), pre, post (n), sm (n^2),
@@ -153,7 +155,7 @@ static void block_coefficients(const float *raw, const float *r, i64 nb, const f
                                float *sm, float *cs, float *dens) {
     const i64 M = head ? n : (2 + n) * n;
     for (i64 m = 0; m < M; m++) {
-        const float s = head ? scale[0] : scale[m < n ? 0 : (m < 2 * n ? 1 : 2)], b = base[m];
+        const float s = scale[scale_index(m, n, head)], b = base[m];
         for (i64 l = 0; l < L; l++) z[m * L + l] = (l < nb ? raw[l * M + m] * r[l] : 0.f) * s + b;
     }
     for (i64 i = 0; i < n * L; i++) pre[i] = sigmoid(z[i]) + hc_eps;
@@ -553,8 +555,9 @@ int hc_read_fwd(const float *x, const float *fn, const float *base, const float 
  * for the logits z = raw r scale + base), the projection's gradient graw = dz scale r and the RMS
  * scale's coef = -r^3 / K sum_m dz_m scale_m raw_m, then the streams' gradient gx (N, n, D) in one
  * store and this chunk's parts of the parameters' gradients: fn's (M, K), and per logit base's (dz)
- * and scale's (dz raw r), 2M floats. parts holds ceil(N / CHUNK) zeroed runs of M K + 2 M floats;
- * their total is left in the first. Returns 1 if the scratch could not be allocated. */
+ * and scale's (dz raw r), 2M floats (kept per logit: one fp32 sum per scale over all of a chunk's
+ * logits lost enough precision to miss the tests' 2e-5 for the head). parts holds ceil(N / CHUNK)
+ * zeroed runs of M K + 2 M floats; their total is left in the first. Returns 1 if the scratch could not be allocated. */
 int hc_read_bwd(const float *x, const float *fn, const float *base, const float *scale, const float *pre,
                 const float *raw, const float *r, const float *gy, const float *gm, const float *gpost, float *gx,
                 float *parts, i64 N, i64 n, i64 D, i64 iters, float hc_eps, int head, int nt) {
@@ -595,8 +598,8 @@ int hc_read_bwd(const float *x, const float *fn, const float *base, const float 
                     const float rl = r[t0 + l];
                     float acc = 0.f;
                     for (i64 m = 0; m < M; m++) {
-                        const float s = head ? scale[0] : scale[m < n ? 0 : (m < 2 * n ? 1 : 2)];
-                        const float gzm = sc.z[m * L + l], gmix = gzm * s, rw = raw[(t0 + l) * M + m];
+                        const float gzm = sc.z[m * L + l], gmix = gzm * scale[scale_index(m, n, head)];
+                        const float rw = raw[(t0 + l) * M + m];
                         gbase[m] += gzm;
                         gscale[m] += gzm * rw * rl;
                         sc.graw[l * M + m] = gmix * rl;
