@@ -160,6 +160,7 @@ def cmd_rl(args) -> None:
                  lr=args.lr, warmup_steps=args.warmup, eval_every=args.eval_every, eval_problems=args.eval_problems,
                  seed=args.seed, dtype=args.dtype, time_limit_s=args.time_limit,
                  skip_zero_variance_groups=False if args.keep_zero_variance else None,
+                 rest_zero_variance=True if args.rest_zero_variance else None, problems=args.problems,
                  negative_weight=args.negative_weight,
                  compile_rollouts=True if args.compile else None)
     rl(RLConfig(**{k: v for k, v in given.items() if v is not None}))
@@ -324,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of negative advantages, 0..1 (default 1: plain GRPO)")
     r.add_argument("--keep-zero-variance", action="store_true",
                    help="train on groups whose rewards are all equal (default: count and skip them)")
+    r.add_argument("--rest-zero-variance", action="store_true",
+                   help="a problem whose group was unanimous sits out the pool's next pass (GRESO)")
+    r.add_argument("--problems", type=int, default=None, help="distinct training problems to cycle through (default 4000)")
     r.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-5)")
     r.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5)")
     r.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default 10)")

@@ -133,6 +133,20 @@ def test_rl_resumes_bit_exactly(base_model, tmp_path, straight):
     assert [{k: r.get(k) for k in keys} for r in read_metrics(out)] == [{k: r.get(k) for k in keys} for r in straight[1]]
 
 
+def test_resting_unanimous_problems_resumes_bit_exactly(base_model, tmp_path):
+    """With rest_zero_variance the problems drawn depend on earlier groups: the checkpoint carries the pool's state."""
+    changes = dict(rest_zero_variance=True, problems=12, max_steps=9, eval_every=0, ckpt_every=3)
+    straight = tmp_path / "straight"
+    rl(_cfg(base_model, straight, **changes), live=False, plots=False)
+    rows = read_metrics(straight)
+    assert any(r["resting"] > 0 for r in rows)  # 12 problems, 4 per step: passes of 3 steps, groups go unanimous
+    out = tmp_path / "run"
+    rl(_cfg(base_model, out, **changes), on_step=lambda step, *_: step == 4, live=False, plots=False)
+    resume_rl(str(out), live=False, plots=False)
+    keys = ("step", "loss", "reward", "zero_var_frac", "resting", "grad_norm")
+    assert [{k: r.get(k) for k in keys} for r in read_metrics(out)] == [{k: r.get(k) for k in keys} for r in rows]
+
+
 def test_several_updates_per_batch_move_the_ratio(base_model, tmp_path):
     rl(_cfg(base_model, tmp_path / "run", max_steps=2, updates_per_batch=3, eval_every=0), live=False, plots=False)
     for r in read_metrics(tmp_path / "run"):

@@ -11,8 +11,8 @@ torch.compile graphs alike (Inductor calls them as opaque kernels) with no graph
 
 Measured, one HyperConnection's ops forward and backward at 2048 tokens, n = 4, D = 256, 1 thread of
 a 2-core AMD EPYC (Zen 5), each timed alone (bench/bench_mhc.py --overhead, which also gives the
-training-step figures): read 8.1 ms + write 2.6 ms, against 20.6 ms for the same work on PyTorch ops
-(projection 7.2, coefficients 2.4, Sinkhorn 1.8, read 2.5, write 6.8).
+training-step figures): read 5.7 ms + write 2.6 ms, against 20.6 ms for the same work on PyTorch ops
+(projection 7.2, coefficients 2.4, Sinkhorn 1.8, read 2.5, write 6.8) in an earlier run of the bench.
 
 The C file is compiled once per machine with the system's C compiler (`cc`, or $CC; -O3
 -march=native -fopenmp) into the cache (seekling.device.cache_dir(): ~/.cache/seekling/kernels),

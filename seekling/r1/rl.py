@@ -9,8 +9,9 @@ turn the rewards into group-relative advantages, then take `updates_per_batch` o
 the shared `TrainStep` with the GRPO loss (grpo.py) over those completions. The bookkeeping is the
 shared `train.loop.run_loop`, as for pretraining and SFT: metrics.jsonl, progress, held-out
 evaluation, atomic checkpoints, SIGINT/SIGTERM and the time limit, and a resume continues exactly
-(the problems and each completion's sampling seed are functions of (seed, step); the weights and
-AdamW moments come from the checkpoint).
+(each completion's sampling seed is a function of (seed, step); the weights, the AdamW moments and
+the prompt pool's place come from the checkpoint). `rest_zero_variance` lets a problem whose group
+was unanimous sit out the pool's next pass over it (prompt_pool.py).
 
 The ratio's old log-probabilities are the trainer's own, not the engine's: the first update of a
 batch uses its own detached log-probabilities (ratio exactly 1, no extra forward), and with
@@ -52,9 +53,9 @@ from seekling.presets import PRESETS
 from seekling.r1.evaluate import EvalConfig, evaluate
 from seekling.r1.grpo import GRPOConfig, group_advantages, grpo_loss_fn, share_step_tokens, token_logprobs
 from seekling.r1.plots import plot_rl
+from seekling.r1.prompt_pool import PromptPool
 from seekling.r1.rollout import SamplingSpec, micro_batches, sample_groups
 from seekling.r1.sft import model_and_tokenizer
-from seekling.r1.sft_data import batch_order
 from seekling.r1.tasks import TASKS, get_task
 from seekling.train import state as run_state
 from seekling.train.core import StepConfig, TrainStep, autocast
@@ -85,6 +86,8 @@ class RLConfig:
     updates_per_batch: int = 1  # optimizer steps per rollout batch (TRL's num_iterations, GRPO's mu)
     micro_batch: int = 32  # sequences per forward/backward
     problems: int = 4000  # distinct train-split problems; prompts cycle through them in seeded epochs
+    # A problem whose group was unanimous sits out the pool's next pass (prompt_pool.py says why).
+    rest_zero_variance: bool = False
     # GRPO's dials (grpo.GRPOConfig). dapo: token-level loss with DAPO's clip-higher.
     loss_type: str = "dapo"
     epsilon: float = 0.2
@@ -136,7 +139,8 @@ class RLConfig:
         need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         need(self.dtype in ("auto", "float32", "bfloat16"), "dtype", f"must be auto, float32 or bfloat16, got {self.dtype!r}")
         need(self.time_limit_s is None or self.time_limit_s > 0, "time_limit_s", f"must be positive or None, got {self.time_limit_s}")
-        need(isinstance(self.compile_rollouts, bool), "compile_rollouts", f"must be True or False, got {self.compile_rollouts!r}")
+        for f in ("compile_rollouts", "rest_zero_variance"):
+            need(isinstance(getattr(self, f), bool), f, f"must be True or False, got {getattr(self, f)!r}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         self.grpo  # GRPOConfig validates its own dials (loss_type, epsilon, beta, temperature)
 
@@ -199,6 +203,12 @@ def _fit(cfg: RLConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plot
     optimizer = build_optimizer(model, cfg)
     dtype = resolve_dtype(cfg.dtype, device)
     start, dtype = restore(run_dir, ckpt, model, optimizer, cfg.steps, dtype)
+    prompts = PromptPool(len(pool), cfg.prompts_per_step, cfg.seed, cfg.rest_zero_variance)
+    saved = (run_state.read_state(ckpt) or {}).get("prompt_pool") if ckpt is not None else None
+    if saved is not None:
+        prompts.load_state_dict(saved)
+    else:  # a new run, or one checkpointed before the pool kept state (exact when it rested nothing)
+        prompts.start_at(start.step)
     # The KL reference is the starting model, frozen: on resume it is read from init again.
     ref = None
     if cfg.beta > 0:
@@ -239,15 +249,19 @@ def _fit(cfg: RLConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plot
     def step(i: int) -> tuple[dict, int]:
         lr = lr_at(i, cfg)
         t0 = time.perf_counter()
-        problems = [pool[j] for j in batch_order(len(pool), i, cfg.prompts_per_step, cfg.seed)]
+        drawn = prompts.draw()
+        problems = [pool[j] for j in drawn]
         rollout = sample_groups(engine, tok, task, problems, spec, seed=cfg.seed, step=i)
         t_rollout = time.perf_counter() - t0
         adv, zero_var = group_advantages(rollout.rewards, scale=gcfg.scale_rewards)
+        prompts.observe(drawn, zero_var.tolist())
         keep = [j * cfg.group_size + g for j in range(len(problems)) for g in range(cfg.group_size)
                 if not (gcfg.skip_zero_variance_groups and zero_var[j])]
         row = {"lr": lr, **rollout.stats(), "zero_var_frac": zero_var.float().mean().item(),
                "rollout_s": t_rollout,
                "rollout_tok_per_s": sum(len(o.output_ids) for o in rollout.outputs) / t_rollout}
+        if cfg.rest_zero_variance:
+            row["resting"] = len(prompts.resting)  # problems that will sit out their next draw
         if not keep:  # every group unanimous: nothing to learn from this batch, and no step is taken
             return row | {"loss": 0.0, "update_s": 0.0, "trained_seqs": 0}, 0
         batches = share_step_tokens(micro_batches(rollout, adv.flatten(), keep, cfg.micro_batch, tok.pad_id))
@@ -276,7 +290,8 @@ def _fit(cfg: RLConfig, run_dir: Path, ckpt: Path | None, *, on_step, live, plot
 
     def save(progress: Progress, finished: bool) -> None:
         run_state.save_checkpoint(run_dir, model, optimizer, tok,
-                                  progress.state(dtype, finished) | {"rl_config": cfg.to_dict()})
+                                  progress.state(dtype, finished) | {"rl_config": cfg.to_dict(),
+                                                                     "prompt_pool": prompts.state_dict()})
 
     result = run_loop(step=step, evaluate=evaluate_now, save=save, run_dir=run_dir, model=model, start=start,
                       cadence=Cadence.of(cfg),

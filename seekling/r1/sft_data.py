@@ -68,7 +68,12 @@ def batch_order(n_examples: int, step: int, batch_size: int, seed: int) -> list[
     """Example indices of optimizer step `step`: epochs of seeded shuffles, a pure function of the step
     (so a resumed run sees the same batches, as pretraining's TrainLoader does)."""
     first = step * batch_size
-    return [_permutation(n_examples, seed, pos // n_examples)[pos % n_examples] for pos in range(first, first + batch_size)]
+    return [example_at(n_examples, pos, seed) for pos in range(first, first + batch_size)]
+
+
+def example_at(n_examples: int, position: int, seed: int) -> int:
+    """The example at `position` of the seeded stream that batch_order slices (epoch after epoch)."""
+    return _permutation(n_examples, seed, position // n_examples)[position % n_examples]
 
 
 @functools.lru_cache(maxsize=4)
