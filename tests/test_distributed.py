@@ -354,8 +354,13 @@ def test_mhc_mixing_stays_fp32_under_bf16_sharding(tmp_path):
         attn = []
         model.layers[0].attn.register_forward_pre_hook(lambda mod, args: attn.extend(p.dtype for p in mod.parameters()))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            model.hidden(torch.randint(0, 100, (1, 8)))
+            h = model.hidden(torch.randint(0, 100, (1, 8)))
         assert len(seen) > 0 and set(seen) == {torch.float32}
         assert set(attn) == {torch.bfloat16}  # the policy is on: everything else arrives in bf16
+        # And the backward reaches every block's (sharded, fp32) mixing parameters.
+        h.float().square().mean().backward()
+        grads = [p.grad for name, m in model.named_modules() if isinstance(m, (HyperConnection, HyperHead))
+                 and not name.startswith("mtp.") for p in m.parameters()]  # hidden() does not run the MTP block
+        assert grads and all(g is not None and g.full_tensor().abs().sum() > 0 for g in grads)
     finally:
         dist.destroy_process_group()
