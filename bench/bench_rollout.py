@@ -4,6 +4,7 @@
     python bench/bench_rollout.py --model runs/demo/model --task countdown
     python bench/bench_rollout.py --prompts 2 --group 4 --max-tokens 32 --repeats 1   # a quick look
     python bench/bench_rollout.py --compile            # also the engine with its compiled decode step
+    python bench/bench_rollout.py --unshared           # also the engine prefilling every request's prompt
 
 A rollout batch as GRPO draws it (issue 12): P problems from a checkable task's train split, each
 rendered through the chat template, and G sampled completions per prompt (temperature 1.0, no
@@ -13,9 +14,12 @@ model would stop earlier and unevenly, which continuous batching absorbs and sta
 for in padding, so fixed length is the case *least* favourable to the engine.
 
 * seekling: one Engine and one `engine.generate` call with all P*G requests, each with its own
-  seed (continuous batching: prefill chunks and decodes share forwards). With --compile, a second
-  engine with EngineConfig(compile=True) is timed too; its warm-up (the compile, from Inductor's
-  on-disk cache after the first run) is reported and not timed.
+  seed (continuous batching: prefill chunks and decodes share forwards; the G requests of a prompt
+  compute it once, EngineConfig.share_prompts). With --compile, a second engine with
+  EngineConfig(compile=True) is timed too; its warm-up (the compile, from Inductor's on-disk cache
+  after the first run) is reported and not timed. With --unshared, an engine with
+  share_prompts=False (every request prefills its prompt, as transformers' generate does once it
+  has repeated each prompt G times) shows what sharing the prompts is worth.
 * transformers: DeepseekV3ForCausalLM.from_pretrained on the same directory, `generate` with
   do_sample=True, top_k=0, num_return_sequences=G. By default one call with all P prompts
   left-padded (batch P*G), the form nearest to the engine's; `--hf-batch prompt` makes P calls of
@@ -82,7 +86,8 @@ def rollout_prompts(model_dir: str, task_name: str, n: int) -> tuple[list[list[i
 class SeeklingRollout:
     """All P*G requests through one engine.generate call; each completion has its own seed."""
 
-    def __init__(self, model_dir: str, prompts: list[list[int]], group: int, max_tokens: int, *, compile: bool):
+    def __init__(self, model_dir: str, prompts: list[list[int]], group: int, max_tokens: int, *, compile: bool,
+                 share: bool = True):
         import seekling
         from seekling.inference import Engine, EngineConfig
 
@@ -90,7 +95,7 @@ class SeeklingRollout:
         self.prompts, self.group = prompts, group
         n = len(prompts) * group
         longest = max(map(len, prompts))
-        cfg = EngineConfig(max_seqs=n, max_batch_tokens=max(512, n), compile=compile,
+        cfg = EngineConfig(max_seqs=n, max_batch_tokens=max(512, n), compile=compile, share_prompts=share,
                            kv_cache_tokens=n * (longest + max_tokens + 64))
         self.engine = Engine(self.model, cfg)
         t = time.perf_counter()
@@ -158,6 +163,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens generated per completion, exactly")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per system, alternating; best and median shown")
     ap.add_argument("--compile", action="store_true", help="also time the engine with EngineConfig(compile=True)")
+    ap.add_argument("--unshared", action="store_true",
+                    help="also time the engine with share_prompts=False (each request prefills its own prompt)")
     ap.add_argument("--hf-batch", choices=("all", "prompt"), default="all",
                     help="transformers: one call with all prompts left-padded (default) or one call per prompt")
     # One thread by default, as bench_decode.py: on a shared 2-core machine a second OpenMP thread
@@ -183,6 +190,9 @@ def main():
         if args.compile:
             systems["seekling engine, compiled"] = SeeklingRollout(model_dir, prompts, args.group, args.max_tokens,
                                                                    compile=True)
+        if args.unshared:
+            systems["seekling engine, prompts not shared"] = SeeklingRollout(model_dir, prompts, args.group,
+                                                                             args.max_tokens, compile=False, share=False)
         hf_label = "transformers generate" + (" (per prompt)" if args.hf_batch == "prompt" else "")
         systems[hf_label] = TransformersRollout(model_dir, prompts, args.group, pad_id,
                                                 per_prompt=args.hf_batch == "prompt")

@@ -254,6 +254,111 @@ def test_full_cache_queues_and_preempts_without_changing_outputs(model, compile,
     assert tight.cache.num_used_blocks == 0
 
 
+# ---------------------------------------------------------------- prompt sharing
+
+def _group_requests(n_prompts=3, group=4, seed=20):
+    """GRPO-shaped requests: each prompt `group` times, seeded samples of unequal lengths and one greedy."""
+    ps = prompts(n_prompts, 10, 40, seed=seed)
+    reqs = [(p, SamplingParams(temperature=0, max_tokens=9, ignore_eos=True) if g == 0 else
+             SamplingParams(temperature=1.0, top_p=0.95, seed=100 * j + g, max_tokens=4 + 5 * g, ignore_eos=True))
+            for j, p in enumerate(ps) for g in range(group)]
+    return [p for p, _ in reqs], [sp for _, sp in reqs]
+
+
+def _assert_same_outputs(got, want):
+    assert [o.output_ids for o in got] == [o.output_ids for o in want]
+    for a, b in zip(got, want):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+        assert torch.allclose(torch.tensor(a.sampled_logprobs), torch.tensor(b.sampled_logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_shared_prompts_compute_each_prompt_once_and_sample_as_if_alone(model, compile, compiled_spy):
+    """G requests with one prompt: one prefill, G-1 forks; every output is what separate prefills give."""
+    ps, params = _group_requests()
+    want = Engine(model, EngineConfig(kv_cache_tokens=4096, max_seqs=16, share_prompts=False)).generate(ps, params)
+    eng = Engine(model, EngineConfig(kv_cache_tokens=4096, max_seqs=16, max_batch_tokens=32, compile=compile))
+    fed = []
+    forward = model.hidden
+
+    def counting(ids, *a, **k):
+        fed.append(ids.shape[1])
+        return forward(ids, *a, **k)
+
+    model.hidden = counting  # counts the tokens of the eager forwards (prefills are never compiled)
+    try:
+        got = eng.generate(ps, params)
+    finally:
+        del model.hidden
+    _assert_same_outputs(got, want)
+    assert eng.n_forked == 3 * 3
+    # Prefill fed each prompt once: the eager forwards' tokens are the 3 prompts plus decode tokens.
+    assert sum(fed) < sum(map(len, ps[::4])) + sum(sp.max_tokens for sp in params)
+    assert bool(compiled_spy) == compile
+    assert eng.cache.num_used_blocks == 0 and not eng._groups
+    eng.cache.check()
+
+
+def test_shared_prompts_with_few_rows_fork_from_any_member(model):
+    """Two rows for eight requests of two prompts: members fork as rows free up, from whichever member
+    still holds the prompt (the one that computed it may be gone); the outputs do not change."""
+    ps, params = _group_requests(n_prompts=2, seed=21)
+    want = Engine(model, EngineConfig(kv_cache_tokens=4096, max_seqs=8, share_prompts=False)).generate(ps, params)
+    eng = Engine(model, EngineConfig(kv_cache_tokens=4096, max_seqs=2, max_batch_tokens=16))
+    rids = [eng.add_request(p, sp) for p, sp in zip(ps, params)]
+    while eng.has_unfinished():
+        eng.step()
+        eng.cache.check()
+    _assert_same_outputs([eng.output(r) for r in rids], want)
+    assert 0 < eng.n_forked <= 6
+
+
+def test_a_request_joining_a_running_prompt_forks_from_it(model):
+    """Sharing is not only for requests submitted together: one that arrives while another with its
+    prompt is decoding copies that prompt instead of prefilling it."""
+    p = prompts(1, 20, 30, seed=24)[0]
+    sps = [SamplingParams(temperature=1.0, seed=s, max_tokens=12, ignore_eos=True) for s in (1, 2)]
+    want = [Engine(model, EngineConfig(kv_cache_tokens=1024, share_prompts=False)).generate([p], sp)[0] for sp in sps]
+    eng = Engine(model, EngineConfig(kv_cache_tokens=1024, max_batch_tokens=64))
+    first = eng.add_request(p, sps[0])
+    for _ in range(3):
+        eng.step()
+    second = eng.add_request(p, sps[1])
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.n_forked == 1
+    _assert_same_outputs([eng.output(first), eng.output(second)], want)
+
+
+def test_shared_prompts_survive_preemption_and_cancellation(model):
+    """A cache too small for the batch (members are preempted and recomputed) and the member computing
+    a prompt cancelled mid-prefill: the others still get the outputs separate prefills give."""
+    ps, params = _group_requests(seed=22)
+    want = Engine(model, EngineConfig(kv_cache_tokens=4096, max_seqs=16, share_prompts=False)).generate(ps, params)
+    tight = Engine(model, EngineConfig(block_size=4, max_batch_tokens=16, max_seqs=6, kv_cache_tokens=120))
+    rids = [tight.add_request(p, sp) for p, sp in zip(ps, params)]
+    tight.step()  # the first prompt's prefill has begun (16 of its tokens)
+    first = tight.scheduler.running[0]
+    assert first.num_cached < first.prompt_len and first.request_id == rids[0]
+    assert tight.cancel(rids[0])
+    while tight.has_unfinished():
+        tight.step()
+        tight.cache.check()
+    assert tight.scheduler.n_preemptions > 0 and tight.n_forked > 0
+    _assert_same_outputs([tight.output(r) for r in rids[1:]], want[1:])
+    assert tight.cache.num_used_blocks == 0 and not tight._groups
+
+
+def test_prompt_sharing_is_off_where_per_sequence_state_is_not_copied(model):
+    """Speculative decoding keeps MTP state per sequence that a fork would not have: no forks, same outputs."""
+    ps, params = _group_requests(n_prompts=2, seed=23)
+    greedy = [SamplingParams(temperature=0, max_tokens=sp.max_tokens, ignore_eos=True) for sp in params]
+    spec = Engine(model, EngineConfig(kv_cache_tokens=4096, speculative_tokens=2, max_seqs=8, max_batch_tokens=96))
+    got = spec.generate(ps, greedy)
+    assert spec.n_forked == 0
+    assert [o.output_ids for o in got] == [reference_greedy(model, p, sp.max_tokens) for p, sp in zip(ps, greedy)]
+
+
 # ---------------------------------------------------------------- requests: seeds, stops, logprobs, streaming
 
 def test_seeded_sampling_ignores_batch_mates(model):
@@ -358,6 +463,9 @@ def test_bf16_model_decodes_like_its_reference():
     outs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     assert eng.cache.pool.dtype == torch.bfloat16
     assert [o.output_ids for o in outs] == [reference_greedy(model, p, 10) for p in ps]
+    shared = Engine(model, EngineConfig(kv_cache_tokens=1024, max_seqs=4, max_batch_tokens=16))
+    outs = shared.generate([ps[0]] * 3, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert shared.n_forked == 2 and all(o.output_ids == reference_greedy(model, ps[0], 10) for o in outs)
 
 
 def test_stop_strings_decode_only_a_tail(model):

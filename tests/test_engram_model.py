@@ -138,6 +138,21 @@ def test_engine_state_survives_preemption_and_slot_reuse():
     assert engine.scheduler.n_preemptions > 0
 
 
+MIXED = [PROMPTS[1]] * 3 + [PROMPTS[0]] * 2 + [PROMPTS[3]]
+
+
+@pytest.mark.parametrize("hc, max_seqs, prompts, forks", [(1, 4, MIXED, 2), (2, 4, MIXED, 2), (1, 2, [PROMPTS[1]] * 4, 3)])
+def test_shared_prompts_fork_the_engram_state(hc, max_seqs, prompts, forks):
+    """Requests with one prompt compute it once; a fork starts from the Engram state at the prompt's end
+    (kept when the prompt was computed: the member it copies from has decoded on since), so every output
+    is still the full forward's. With 2 slots the last forks wait for a row and copy from a fork (the
+    member that computed the prompt has finished by then)."""
+    model = engram_model(seed=5, hc_mult=hc)
+    engine = Engine(model, EngineConfig(block_size=4, kv_cache_tokens=512, max_seqs=max_seqs, max_batch_tokens=12))
+    _check_engine(model, engine, prompts)
+    assert engine.n_forked == forks
+
+
 def test_compiled_step_function_equals_full_forward_eagerly(monkeypatch):
     """The compiled decode step's function (DecodeEngram beside DecodeAttention) run without compiling:
     the same tokens as full forwards, batches of one-token decodes included."""

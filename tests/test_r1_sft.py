@@ -32,7 +32,7 @@ def _cfg(base_model, out, **changes):
 
 
 @pytest.fixture(scope="module")
-def straight(base_model, tmp_path_factory):
+def straight(base_model, tmp_path_factory, one_thread):  # the single thread of every test: results depend on it
     out = tmp_path_factory.mktemp("sft") / "run"
     result = sft(_cfg(base_model, out), live=False, plots=False)
     return result, read_metrics(out)

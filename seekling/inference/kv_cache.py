@@ -13,8 +13,12 @@ row of the int64 `block_table` (Q, W), on the same device: attention gathers a w
 with one indexing op per layer, with no Python per token. The free lists and each row's block list
 are Python on the host; a reservation copies its new block ids into the table. Blocks are handed out from a LIFO free list (recently freed blocks are
 warm in cache); unused table entries point at block 0 and are masked by sequence length.
-Left out: prefix sharing (copy-on-write blocks with reference counts) and swapping to host memory;
-preempted sequences are recomputed instead, which is cheap next to decode on a CPU.
+A sequence whose prompt another running sequence has already computed gets a copy of those
+positions (`copy_prefix`, the engine's prompt sharing): a few kilobytes per prompt token, against a
+prefill's forward.
+Left out: general prefix sharing (copy-on-write blocks with reference counts, so that a shared
+prefix is stored once) and swapping to host memory; preempted sequences are recomputed instead,
+which is cheap next to decode on a CPU.
 """
 
 from __future__ import annotations
@@ -117,6 +121,17 @@ class LatentCache:
         self.block_table[row, len(have):len(have) + need] = to_device(new, self.device)
         have.extend(new)
         return True
+
+    def copy_prefix(self, src: int, dst: int, n_tokens: int):
+        """Copy positions [0, n_tokens) of row `src` into row `dst`, every layer; `dst` must cover them.
+
+        Whole blocks are copied: the last one may carry src's later positions, which dst's own
+        tokens overwrite before anything reads them (attention masks by each sequence's length).
+        """
+        n = self.blocks_for(n_tokens)
+        have, want = self._row_blocks[src], self._row_blocks[dst]
+        assert len(have) >= n and len(want) >= n, "copy_prefix: a row does not cover the positions"
+        self.pool[:, to_device(want[:n], self.device)] = self.pool[:, to_device(have[:n], self.device)]
 
     def gather(self, layer: int, table: torch.Tensor) -> torch.Tensor:
         """Copy the blocks `table` (n, W') of one layer into a reused buffer -> (n, W' * P, C + R).

@@ -15,6 +15,15 @@ Policy, per step, within `max_batch_tokens`:
    prompt (reserved at admission, so a prefill never waits for memory half-way).
 The oldest sequence therefore always progresses; an engine checks at submission that every
 request fits the cache on its own, so nothing can wait forever.
+
+Prompt sharing: the engine puts unfinished sequences with the same prompt in one `PromptGroup`
+(GRPO's G samples of a prompt, a server's n choices). The group's prompt is computed once: in
+step 3 a waiting member is admitted as a fork when another member holds the whole prompt in its
+cache row (it gets a copy of those latents, is fed 0 tokens, and samples its first token from the
+group's kept last prompt hidden state); it waits while a member is still computing the prompt; and
+only with no member running does it prefill the prompt itself. Forks cost no token budget, so step
+3 keeps forking after the budget is spent. A fork that is later preempted is recomputed from its
+tokens like any other sequence (or forks again).
 Left out: priorities and fairness between tenants; swapping preempted latents to host memory.
 """
 
@@ -28,6 +37,25 @@ import torch
 
 from seekling.inference.kv_cache import LatentCache
 from seekling.inference.sampling import SamplingParams
+
+
+class PromptGroup:
+    """The unfinished sequences that share one prompt, and that prompt's last hidden state once computed."""
+
+    def __init__(self):
+        self.members: list[Sequence] = []
+        self.hidden: torch.Tensor | None = None  # (dim,): what a fork samples its first token from
+        self.state = None  # per-sequence decode state at the prompt's end (Engram's), copied into each fork
+
+    def source(self) -> Sequence | None:
+        """A running member whose cache row holds the whole prompt (one to copy it from), if any."""
+        if self.hidden is None:
+            return None
+        return next((m for m in self.members if m.row is not None and m.num_cached >= m.prompt_len), None)
+
+    def computing(self) -> bool:
+        """Whether a running member is computing the prompt now."""
+        return any(m.row is not None and m.num_cached < m.prompt_len for m in self.members)
 
 
 @dataclass(eq=False)
@@ -57,6 +85,7 @@ class Sequence:
     text: str | None = None
     n_drafted: int = 0
     n_accepted: int = 0
+    group: PromptGroup | None = None  # with prompt sharing: the sequences with this prompt
 
     @property
     def remaining(self) -> int:
@@ -89,6 +118,8 @@ class Scheduler:
 
     def remove(self, seq: Sequence):
         """Drop a finished or cancelled sequence and return its blocks."""
+        if seq.group is not None:
+            seq.group.members.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
             self.cache.close_row(seq.row)
@@ -132,16 +163,29 @@ class Scheduler:
                 n = min(seq.remaining, budget)
                 work.append((seq, n))
                 budget -= n
-        while self.waiting and budget > 0 and self.cache.num_free_rows:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if not self.cache.num_free_rows:
+                break
+            source = None
+            if seq.group is not None and len(seq.group.members) > 1:
+                source = seq.group.source()
+                if source is None and seq.group.computing():
+                    continue  # another member is computing the prompt: fork from it when it is done
+            if source is None and budget <= 0:
+                continue  # only forks are free
             row = self.cache.open_row()
             # Reserve the whole prompt, plus the position of the first sampled token.
             if not self.cache.reserve(row, len(seq.tokens) + 1):
                 self.cache.close_row(row)
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.row = row
             self.running.append(seq)
+            if source is not None:
+                self.cache.copy_prefix(source.row, row, seq.prompt_len)
+                seq.num_cached = seq.prompt_len
+                work.append((seq, 0))
+                continue
             n = min(seq.remaining, budget)
             work.append((seq, n))
             budget -= n

@@ -422,6 +422,13 @@ class EngramState:
     def batch(self, slots: list[int], starts: list[int], lengths: list[int]) -> EngramBatch:
         return EngramBatch(self, slots, starts, lengths)
 
+    def snapshot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of one slot's state: a sequence that continues from the same tokens starts from it."""
+        return self.ids[slot].clone(), self.conv[:, slot].clone()
+
+    def restore(self, slot: int, snap: tuple[torch.Tensor, torch.Tensor]):
+        self.ids[slot], self.conv[:, slot] = snap
+
 
 class _Segments:
     """Index arithmetic for packed segments, each preceded by w history rows: [hist_0, seg_0, hist_1, seg_1, ...]."""
