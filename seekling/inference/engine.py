@@ -389,8 +389,10 @@ class Engine:
     def _remove(self, seq: Sequence):
         """Forget a finished or cancelled sequence: its blocks, and its prompt group once that is empty."""
         self.scheduler.remove(seq)
-        if seq.group is not None and not seq.group.members:
-            del self._groups[tuple(seq.tokens[:seq.prompt_len])]
+        if seq.group is not None:  # the engine makes the groups (add_request) and ends them here
+            seq.group.members.remove(seq)
+            if not seq.group.members:
+                del self._groups[tuple(seq.tokens[:seq.prompt_len])]
 
     def _sample(self, work, h: torch.Tensor, offsets: list[int], lens: list[int]):
         """Sample or verify every sequence that finished feeding its tokens; commit the results.

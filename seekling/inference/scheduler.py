@@ -118,8 +118,6 @@ class Scheduler:
 
     def remove(self, seq: Sequence):
         """Drop a finished or cancelled sequence and return its blocks."""
-        if seq.group is not None:
-            seq.group.members.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
             self.cache.close_row(seq.row)
