@@ -54,10 +54,11 @@ def _assert_close_relative(got, want, rel=2e-5):
 
 
 @pytest.mark.parametrize("n,D,N,iters", [(4, 256, 130, 20), (4, 44, 17, 20), (4, 24, 64, 0), (2, 40, 7, 1),
-                                         (3, 24, 65, 5), (5, 16, 33, 20)])
+                                         (3, 24, 65, 5), (5, 16, 33, 20), (3, 64, 50, 20)])
 def test_hyper_connection_kernels_match_the_plain_forms_with_gradients(n, D, N, iters, one_thread):
     # Every n (4 has its own vectorised path, others the generic loops), D not a multiple of 8 (the
-    # tails), token counts around the 16-token coefficient blocks and the 64-token parallel threshold,
+    # tails), D = 64 with n = 3 (the tiled products, in panels, with M = 15 rows: tiles and leftover
+    # rows), token counts around the 16-token coefficient blocks and the 64-token parallel threshold,
     # Sinkhorn off, one round and many; gradients for every input through the whole read + write, with
     # upstream gradients on post and on the mixed streams too (each reaches the read's backward twice).
     inputs = _inputs(n, D, N)
