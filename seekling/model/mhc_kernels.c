@@ -557,7 +557,7 @@ static void stream_grad(const float *x, const float *gy, const float *gm, const 
  * order; xp holds the block's tokens' x in those columns, PW floats per token, and gfn is in panels
  * like fp. */
 static inline __attribute__((always_inline)) void fn_grad_tile(const float *xp, const float *graw, float *gfn, i64 nb,
-                                                               i64 M, i64 K, i64 m, i64 k, const int mb) {
+                                                               i64 M, i64 m, i64 k, const int mb) {
     vf a[GM][GC];
     for (int i = 0; i < mb; i++)
         for (int c = 0; c < GC; c++) a[i][c] = ldv(gfn + k * M + (m + i) * PW + c * VW);
@@ -591,8 +591,8 @@ static void fn_grad(const float *x, const float *graw, float *gfn, i64 nb, i64 M
         for (i64 l = 0; l < nb; l++)
             for (int c = 0; c < PW; c += VW) stv(xp + l * PW + c, ldv(x + l * K + k + c));
         i64 m = 0;
-        for (; m + GM <= M; m += GM) fn_grad_tile(xp, graw, gfn, nb, M, K, m, k, GM);
-        for (; m < M; m++) fn_grad_tile(xp, graw, gfn, nb, M, K, m, k, 1);
+        for (; m + GM <= M; m += GM) fn_grad_tile(xp, graw, gfn, nb, M, m, k, GM);
+        for (; m < M; m++) fn_grad_tile(xp, graw, gfn, nb, M, m, k, 1);
     }
 }
 
