@@ -421,11 +421,16 @@ static void block_coefficients_bwd(const float *raw, const float *r, i64 nb, con
  * (AVX2), the old and the new build alternating in one process, caches flushed before each call:
  * 13.7 -> 10.5 ms with the panels and the prefetches below (without the flush 15.2 -> 11.6). */
 #define PW (GC * VW)
-static void pack_panels(const float *fn, float *fp, i64 M, i64 K) {
-    if (K % PW) return;  /* the tiled paths, the only users, need n D to be a multiple of PW */
+/* rows (M, K) -> panels, and back; K a multiple of PW (the tiled paths, the only users, need it). */
+static void to_panels(const float *rows, float *panels, i64 M, i64 K) {
     for (i64 p = 0; p < K; p += PW)
         for (i64 m = 0; m < M; m++)
-            for (i64 c = 0; c < PW; c++) fp[p * M + m * PW + c] = fn[m * K + p + c];
+            for (i64 c = 0; c < PW; c++) panels[p * M + m * PW + c] = rows[m * K + p + c];
+}
+static void from_panels(const float *panels, float *rows, i64 M, i64 K) {
+    for (i64 p = 0; p < K; p += PW)
+        for (i64 m = 0; m < M; m++)
+            for (i64 c = 0; c < PW; c++) rows[m * K + p + c] = panels[p * M + m * PW + c];
 }
 
 /* raw[l, m .. m + 6] = x_l . fn_m for tb tokens (tb = TB or 1, a constant where inlined), or each of
@@ -473,14 +478,13 @@ static void project(const float *x, const float *fn, float *raw, i64 nb, i64 M, 
     }
 }
 
-
 /* gx_l,j = sum_m graw[l, m] fn_m + pre[l, j] gy_l + coef_l x_l,j + sum_k comb[l, j, k] gm_l,k for tb
  * tokens (tb = GT or 1, a constant where inlined): the projection's, the read's, the RMS scale's and
  * the mixing's terms of the streams' gradient in one store (gm = dL/dmixed, NULL for the head,
  * which does not mix), fn in panels (fp). D a multiple of PW, so a tile never straddles two streams.
  * ahead: the same tokens of the next block exist, and the same columns of their x, gm and gy are
  * prefetched: the loads of a block's first pass (stream_dots4) then find them in cache rather than
- * waiting on memory while no arithmetic runs (~0.7 ms of the 2.5 above). */
+ * waiting on memory while no arithmetic runs (0.7 ms of the gain above, measured without the flush). */
 static inline __attribute__((always_inline)) void stream_grad_tile(const float *x, const float *gy, const float *gm,
                                                                    const float *pre, const float *comb,
                                                                    const float *graw, const float *coef,
@@ -716,7 +720,7 @@ int hc_read_bwd(const float *x, const float *fn, const float *base, const float 
     float *buf = malloc(sizeof(float) * (F * nt + M * K));  /* the threads' scratch, then fn in panels */
     if (!buf) return 1;
     float *fp = buf + F * nt;
-    pack_panels(fn, fp, M, K);
+    if (K % PW == 0) to_panels(fn, fp, M, K);
 #pragma omp parallel num_threads(nt) if (N >= PAR_MIN_TOKENS)
     {
         const Scratch sc = carve(buf + omp_get_thread_num() * F, n, iters);
@@ -772,9 +776,7 @@ int hc_read_bwd(const float *x, const float *fn, const float *base, const float 
         for (i64 i = 0; i < P; i++) parts[i] += part[i];
     }
     if (K % PW == 0) {  /* fn's gradient was summed in panels: back to rows, through fp's space */
-        for (i64 p = 0; p < K; p += PW)
-            for (i64 m = 0; m < M; m++)
-                for (i64 c = 0; c < PW; c++) fp[m * K + p + c] = parts[p * M + m * PW + c];
+        from_panels(parts, fp, M, K);
         for (i64 i = 0; i < M * K; i++) parts[i] = fp[i];
     }
     free(buf);
