@@ -10,9 +10,11 @@ Every variant trains through seekling's own trainer with the same TrainConfig (s
 order, same schedule, same seed). `baseline` is the preset itself; mHC adds only its mixing projections
 (all active), so `wide` is the plain model with its dense layers' MLP widened until its active
 parameters equal mHC's: the comparison at equal active parameters. The table gives validation
-loss and bits per byte on the held-out plays, the median tokens/s each run logged, tokens/s from a
-short interleaved timing (A, B, C, A, B, C, ... full training steps, median; a busy machine cannot tilt
-it toward one run) and mHC's overhead against the baseline from that timing.
+loss and bits per byte on the held-out plays, the median tokens/s each run logged, and tokens/s from a
+timing in alternation as `--overhead` takes it (each variant's training step in a process of its own,
+`--warmup-steps` untimed steps, then A, B, C, C, B, A, ... for `--timing-rounds`, CPU time at
+`--threads`; a busy machine cannot tilt it toward one run) with each variant's change in tokens/s
+against the baseline from the median of the per-round ratios.
 
 The stability measure is the paper's (Xie et al., arXiv 2512.24880, section 3.1, "Amax Gain Magnitude"):
 the residual mixing over depth is x_L = A x_0 with A = C_L^T ... C_1^T (one comb matrix C per
@@ -53,21 +55,20 @@ import torch
 
 from seekling.config import ModelConfig
 from seekling.data.dataset import TrainLoader, prepare_tokens
-from seekling.device import keep_freed_memory
+from seekling.device import keep_freed_memory, resolve_dtype
 from seekling.model import mhc, mhc_kernels
 from seekling.model.mhc import HyperConnection
 from seekling.model.transformer import Transformer
 from seekling.presets import get_preset, with_mhc
 from seekling.stats import model_stats
 from seekling.tokenizer import load_default_tokenizer
-from seekling.train.config import train_preset
+from seekling.train.config import TrainConfig, train_preset
 from seekling.train.flops import measure_peak_flops
 from seekling.train.state import read_metrics
 from seekling.train.trainer import pretraining_step, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_floor import timed_ms  # noqa: E402
-from bench_moe_vs_dense import interleaved_step_times  # noqa: E402  (one timing loop for every bench)
 
 
 def wide_baseline(base: ModelConfig, target_active: int) -> ModelConfig:
@@ -82,7 +83,8 @@ def wide_baseline(base: ModelConfig, target_active: int) -> ModelConfig:
 def amax_gains(model, x: torch.Tensor) -> tuple[float, float] | None:
     """(forward, backward) Amax gain of the composite residual mixing of the main model, largest over tokens."""
     combs = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: combs.append(out[2]))
+    # comb from the streams each HyperConnection reads (its output carries the mixed streams, not comb)
+    hooks = [m.register_forward_hook(lambda mod, inp, out: combs.append(mod.coefficients(inp[0])[2]))
              for name, m in model.named_modules() if isinstance(m, HyperConnection) and name.startswith("layers.")]
     if not hooks:
         return None
@@ -205,66 +207,87 @@ def _mhc_path(fused: bool):
     return contextlib.nullcontext() if fused else mhc_kernels.switched_off()
 
 
-def _step_worker(conn, preset: str, cfg: ModelConfig, dtype: str, compile_: bool, fused: bool, threads: int,
-                 batch: int, seq: int, warmup: int) -> None:
+def _step_worker(conn, tcfg: TrainConfig, fused: bool, threads: int, warmup: int) -> None:
     """One model's training steps in a process of its own, one per command ("r": take the step on batch
-    warmup + r and answer its thread CPU and wall times; None: stop). Two models in one process share its
+    warmup + r and answer its CPU and wall times; None: stop). Two models in one process share its
     allocator, and the heap the other left behind made one model's steps pay fresh pages (measured in
     bf16: mHC 827 ms per step in the shared process, 723 ms alone, the plain step unchanged)."""
     torch.set_num_threads(threads)
     _room_for_every_variant()
-    tcfg = train_preset(preset, model=cfg, batch_size=batch, seq_len=seq, dtype=dtype, compile=compile_)
     data = prepare_tokens(tcfg.data, load_default_tokenizer(), cache_dir=tcfg.token_cache_dir).split("train")
-    loader = TrainLoader(data=data, batch_size=batch, seq_len=seq, seed=0)
-    model = Transformer(cfg)
+    loader = TrainLoader(data=data, batch_size=tcfg.batch_size, seq_len=tcfg.seq_len, seed=0)
+    model = Transformer(tcfg.model_config)
     model.init_weights(0)
     with _mhc_path(fused):
-        step = pretraining_step(model, tcfg, getattr(torch, dtype))
+        step = pretraining_step(model, tcfg, resolve_dtype(tcfg.dtype, torch.device("cpu")))
         # A compiled step compiles its graphs in the first; and the heap grows for tens of steps (tiny
         # + mHC in bf16: RSS 1691 MB after 10 steps, 1740 MB from 30 on), each growth paid in fresh
         # pages by the step that makes it, which a long run never sees again.
         for r in range(warmup):
             step([loader.batch(r)])
         conn.send("ready")
+        cpu_clock = time.thread_time if threads == 1 else time.process_time  # every thread of the step
         while (r := conn.recv()) is not None:
-            t, c = time.perf_counter(), time.thread_time()
+            t, c = time.perf_counter(), cpu_clock()
             step([loader.batch(warmup + r)])
-            conn.send((time.thread_time() - c, time.perf_counter() - t))
+            conn.send((cpu_clock() - c, time.perf_counter() - t))
 
 
-def _time_mode(args, mode: str, cfgs: dict, dtype: str, compile_: bool, fused: bool) -> dict:
-    """Median step times of the plain and the mHC model in one mode: each in its own process, steps
-    taken in alternation (plain, mHC, mHC, plain, ...) so that the machine's drift hits both alike."""
+def alternating_step_times(tcfgs: dict[str, TrainConfig], *, rounds: int, warmup: int, threads: int,
+                           fused: bool = True) -> dict[str, dict[str, list[float]]]:
+    """Each model's full training steps (seekling's own, train/core.py), every model in its own
+    process, after `warmup` untimed steps; the steps taken in alternation (A, B, C, C, B, A, ...) so
+    that the machine's drift hits all alike. Per model, the CPU and the wall seconds of each round's
+    step: CPU time is the step's own cost (at `threads` 1 the thread's, else the process's, all
+    threads summed), which another process's load raises in wall time but not in CPU time."""
     ctx = multiprocessing.get_context("spawn")
     workers = {}
-    for name, cfg in cfgs.items():
+    for name, tcfg in tcfgs.items():
         conn, child = ctx.Pipe()
-        proc = ctx.Process(target=_step_worker, daemon=True,
-                           args=(child, args.preset, cfg, dtype, compile_, fused, args.threads, args.batch, args.seq,
-                                 args.warmup_steps))
+        proc = ctx.Process(target=_step_worker, daemon=True, args=(child, tcfg, fused, threads, warmup))
         proc.start()
         workers[name] = (proc, conn)
-    print(f"{mode}: warming up{' (compiling)' if compile_ else ''} ...", flush=True)
-    for proc, conn in workers.values():
-        conn.recv()
-    cpu = {name: [] for name in workers}
-    wall = {name: [] for name in workers}
-    for r in range(args.timing_rounds):
+
+    def answer(name):
+        proc, conn = workers[name]
+        try:
+            return conn.recv()
+        except EOFError:
+            proc.join()
+            raise SystemExit(f"{name}'s timing process ended (exit code {proc.exitcode}) before answering; "
+                             "its traceback is above") from None
+
+    for name in workers:
+        answer(name)
+    times = {name: dict(cpu=[], wall=[]) for name in workers}
+    for r in range(rounds):
         for name in (list(workers) if r % 2 == 0 else list(reversed(workers))):
-            conn = workers[name][1]
-            conn.send(r)
-            c, w = conn.recv()
-            cpu[name].append(c)
-            wall[name].append(w)
+            workers[name][1].send(r)
+            c, w = answer(name)
+            times[name]["cpu"].append(c)
+            times[name]["wall"].append(w)
     for proc, conn in workers.values():
         conn.send(None)
         proc.join()
-    ratio = statistics.median(p / m for p, m in zip(cpu["plain"], cpu["mhc"]))
-    wall_ratio = statistics.median(p / m for p, m in zip(wall["plain"], wall["mhc"]))
-    row = dict(plain_s=statistics.median(cpu["plain"]), mhc_s=statistics.median(cpu["mhc"]),
-               change=ratio - 1, wall_change=wall_ratio - 1)
+    return times
+
+
+def change(times: dict, ref: str, name: str, clock: str = "cpu") -> float:
+    """`name`'s change in tokens/s against `ref`: the median over rounds of the ratio of their steps."""
+    return statistics.median(a / b for a, b in zip(times[ref][clock], times[name][clock])) - 1
+
+
+def _time_mode(args, mode: str, cfgs: dict, dtype: str, compile_: bool, fused: bool) -> dict:
+    """Median step times of the plain and the mHC model in one mode, and mHC's change in tokens/s."""
+    print(f"{mode}: warming up{' (compiling)' if compile_ else ''} ...", flush=True)
+    tcfgs = {name: train_preset(args.preset, model=cfg, batch_size=args.batch, seq_len=args.seq, dtype=dtype,
+                                compile=compile_) for name, cfg in cfgs.items()}
+    times = alternating_step_times(tcfgs, rounds=args.timing_rounds, warmup=args.warmup_steps, threads=args.threads,
+                                   fused=fused)
+    row = dict(plain_s=statistics.median(times["plain"]["cpu"]), mhc_s=statistics.median(times["mhc"]["cpu"]),
+               change=change(times, "plain", "mhc"), wall_change=change(times, "plain", "mhc", "wall"))
     print(f"  plain {row['plain_s'] * 1e3:.0f} ms, mHC {row['mhc_s'] * 1e3:.0f} ms per step: "
-          f"{ratio - 1:+.1%} tokens/s", flush=True)
+          f"{row['change']:+.1%} tokens/s", flush=True)
     return row
 
 
@@ -328,13 +351,13 @@ def main():
     ap.add_argument("--probe-every", type=int, default=0, help="steps between gain probes (default steps/10)")
     ap.add_argument("--timing-rounds", type=int, default=6)
     ap.add_argument("--warmup-steps", type=int, default=30,
-                    help="with --overhead: untimed steps first (compiles, and the heap's growth to its steady size)")
+                    help="timed steps' untimed steps first (compiles, and the heap's growth to its steady size)")
     ap.add_argument("--compile", action="store_true", help="train with TrainConfig(compile=True)")
     ap.add_argument("--out", default="runs/bench-mhc")
     ap.add_argument("--overhead", action="store_true", help="only time plain vs mHC steps (no training), per mode")
     ap.add_argument("--modes", default="eager-fp32,eager-bf16,compiled-fp32,compiled-bf16,eager-fp32-ops",
                     help=f"with --overhead: any of {', '.join(OVERHEAD_MODES)}")
-    ap.add_argument("--threads", type=int, default=1, help="with --overhead: torch threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the timed steps (not of training)")
     args = ap.parse_args()
     if args.overhead:
         overhead(args)
@@ -380,10 +403,12 @@ def main():
         tps = statistics.median(r["tok_per_s"] for r in rows[1:] or rows)
         results[name] = dict(cfg=cfg, tcfg=tcfg, result=result, tps=tps, wall=wall, gains=gains, rows=rows)
 
-    print("\ntiming the variants in alternation ...", flush=True)
-    step_s = interleaved_step_times({n: r["tcfg"] for n, r in results.items()}, rounds=args.timing_rounds)
+    print(f"\ntiming the variants in alternation ({args.warmup_steps} untimed steps each first) ...", flush=True)
+    times = alternating_step_times({n: r["tcfg"] for n, r in results.items()}, rounds=args.timing_rounds,
+                                   warmup=args.warmup_steps, threads=args.threads)
+    step_s = {name: statistics.median(t["cpu"]) for name, t in times.items()}
     tokens = args.steps * args.batch * args.seq
-    ref = step_s.get("baseline")
+    ref = "baseline" if "baseline" in times else None
 
     print(f"\n{args.preset}: plain residual vs {args.hc} streams, {args.steps} steps x {args.batch}x{args.seq} = "
           f"{tokens / 1e6:.2f}M tokens each, validation on {args.eval_batches} held-out batches"
@@ -395,16 +420,19 @@ def main():
     for name, r in results.items():
         s = model_stats(r["cfg"])
         alt = args.batch * args.seq / step_s[name]
-        over = f"{ref / step_s[name] - 1:+.1%}" if ref else "-"  # tokens/s change against the baseline
+        vs_base = change(times, ref, name) if ref else None  # tokens/s change against the baseline
+        over = f"{vs_base:+.1%}" if ref else "-"
         fwd, bwd = (r["gains"][-1][1], r["gains"][-1][2]) if r["gains"] else (float("nan"), float("nan"))
         print(f"{name:<10}{(s.total_params - s.mtp_params) / 1e6:>9.2f}M{s.active_params / 1e6:>9.2f}M"
               f"{r['result']['val_loss']:>10.4f}{r['result']['val_bpb']:>9.4f}{r['tps']:>13,.0f}{alt:>14,.0f}{over:>9}"
               f"{fwd:>10.3g}{bwd:>10.3g}{r['wall']:>7.0f}s")
         table[name] = dict(params=s.total_params - s.mtp_params, active=s.active_params, val_loss=r["result"]["val_loss"],
                            val_bpb=r["result"]["val_bpb"], tok_per_s_run=r["tps"], tok_per_s_alternating=alt,
-                           gains=r["gains"], wall_s=r["wall"])
+                           gains=r["gains"], wall_s=r["wall"], change_vs_baseline=vs_base,
+                           timed_steps_s=times[name])
     print("\nfwd / bwd gain: largest row / column sum of |C_L^T ... C_1^T| over the probe batch's tokens (1 = no "
-          "amplification); 'vs base': change in tokens/s against the baseline, from the alternating timing.")
+          f"amplification); tok/s (alt.): per second of CPU time at --threads {args.threads} in the alternating "
+          "timing; 'vs base': change in tokens/s against the baseline there, the median of the per-round ratios.")
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "results.json").write_text(json.dumps(dict(args=vars(args), results=table), indent=2) + "\n")
     plot(results, out_root / "mhc.png", args)
